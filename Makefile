@@ -1,0 +1,41 @@
+# vlmtune: `make demo` runs the whole pipeline on a local Ray cluster (CPU, tiny model, sample catalog);
+# `make test` runs the test suite. Both create .venv on first use (torch 2.13.0 first, so pip never
+# pulls a multi-GB CUDA build on a CPU machine).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+STAMP := $(VENV)/.installed
+DEMO_CONFIG ?= configs/demo-cpu.yaml
+
+.PHONY: install demo test test-fast lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+demo: $(STAMP)
+	$(BIN)/python jobs/demo.py --config $(DEMO_CONFIG)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests jobs bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/loader.py
+	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/predict.py
+
+clean:
+	rm -rf outputs .pytest_cache .ruff_cache

@@ -1,0 +1,191 @@
+"""prepare: catalog → validated, resized images → train/val WebDataset shards + manifest + rejects.
+
+The expensive part, fetching and normalising images, runs as Ray Data tasks (`map_batches`), so on a
+cluster every node downloads; locally it uses the local Ray. The driver receives the small resized
+JPEGs in catalog-hash order and writes the shards with `webdataset.ShardWriter` (see data/shards.py),
+which keeps shard contents deterministic and the run resumable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from vlmtune import __version__
+from vlmtune.config import DataConfig, ImageConfig
+from vlmtune.data.catalog import CatalogRows, read_catalog
+from vlmtune.data.images import ImageError, load_product_image
+from vlmtune.data.sample import generate_sample_catalog
+from vlmtune.data.shards import (
+    SCHEMA_VERSION,
+    SPLITS,
+    SplitWriter,
+    order_key,
+    read_journal,
+    split_of,
+    write_manifest,
+    write_rejects,
+)
+
+log = logging.getLogger(__name__)
+
+
+def fetch_batch(batch: dict[str, np.ndarray], images: ImageConfig) -> dict[str, np.ndarray]:
+    """Ray Data UDF: one batch of records → JPEG bytes or the reason each image was rejected."""
+    records = [json.loads(r) for r in batch["record"]]
+
+    def one(record: dict) -> tuple[bytes, str]:
+        try:
+            jpeg, _ = load_product_image(record["image"], images)
+            return jpeg, ""
+        except ImageError as e:
+            return b"", f"image {record['image']}: {e.reason}"
+
+    with ThreadPoolExecutor(max_workers=min(images.fetch_threads, len(records))) as pool:
+        results = list(pool.map(one, records))
+    return {
+        "record": batch["record"],
+        "jpeg": np.array([r[0] for r in results], dtype=object),
+        "error": np.array([r[1] for r in results], dtype=object),
+    }
+
+
+def sample_catalog_source(cfg: DataConfig) -> str:
+    """For `source: sample`, draw the synthetic catalog next to the shards (once; it is seeded)."""
+    base = cfg.shards.dir.rstrip("/")
+    local = Path(base + "-catalog") if "://" in base else Path(base) / "_catalog"
+    csv_path = local / "catalog.csv"
+    stamp = local / "generated.json"
+    wanted = {"n": cfg.catalog.sample_size, "seed": cfg.catalog.sample_seed}
+    if not (csv_path.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == wanted):
+        generate_sample_catalog(local, cfg.catalog.sample_size, cfg.catalog.sample_seed)
+        stamp.write_text(json.dumps(wanted))
+    return str(csv_path)
+
+
+def _ordered_splits(rows: CatalogRows, cfg: DataConfig) -> dict[str, list[dict]]:
+    salt = cfg.shards.split_salt
+    splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
+    for rec in rows.records:
+        splits[split_of(rec["id"], cfg.shards.val_fraction, salt)].append(rec)
+    for recs in splits.values():
+        recs.sort(key=lambda r: order_key(r["id"], salt))
+    return splits
+
+
+def _fetch_in_order(records: list[dict], cfg: DataConfig):
+    """Yield (record, jpeg, error) in input order, fetched by Ray Data tasks across the cluster."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    ds = ray.data.from_items([{"record": json.dumps(r, ensure_ascii=False)} for r in records])
+    ds = ds.map_batches(fetch_batch, batch_size=cfg.shards.rows_per_task, fn_kwargs={"images": cfg.images},
+                        concurrency=cfg.shards.max_concurrent_tasks, num_cpus=1)
+    for row in ds.iter_rows():
+        yield json.loads(row["record"]), row["jpeg"], row["error"]
+
+
+def settings_hash(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare(cfg: DataConfig) -> dict:
+    """Run (or resume) prepare; returns the manifest written to `cfg.shards.dir`."""
+    if cfg.catalog.source == "sample":
+        cfg = cfg.model_copy(deep=True)
+        cfg.catalog.source = sample_catalog_source(cfg)
+    out_dir = cfg.shards.dir.rstrip("/")
+    rows = read_catalog(cfg.catalog)
+    if not rows.records:
+        raise ValueError(f"{cfg.catalog.source}: no usable rows ({len(rows.rejects)} rejected); first reasons: "
+                         + "; ".join(r.reason for r in rows.rejects[:3]))
+    splits = _ordered_splits(rows, cfg)
+    config_hash = settings_hash(shard_settings(cfg))
+    writers: dict[str, SplitWriter] = {}
+    todo: list[dict] = []
+    for split, records in splits.items():
+        header = {"split": split, "catalog": rows.fingerprint(), "config": config_hash}
+        journal = read_journal(out_dir, split, header)
+        writers[split] = SplitWriter(out_dir, split, cfg.shards.samples_per_shard, cfg.shards.max_shard_bytes,
+                                     journal, header)
+        todo += [dict(r, split=split) for r in records[writers[split].position :]]
+    done = sum(w.position for w in writers.values())
+    if done:
+        log.info("resuming: %d of %d records already in finished shards", done, len(rows.records))
+
+    ok = False
+    counts = {"ok": 0, "rejected": 0}
+    try:
+        with tqdm(total=len(todo), desc="prepare", unit="img", disable=not todo, mininterval=2) as bar:
+            for record, jpeg, error in _fetch_in_order(todo, cfg) if todo else ():
+                writer = writers[record.pop("split")]
+                if error:
+                    writer.reject(record, error)
+                    counts["rejected"] += 1
+                else:
+                    writer.write(record, jpeg)
+                    counts["ok"] += 1
+                bar.update()
+                bar.set_postfix(counts, refresh=False)
+        ok = True
+    finally:
+        for writer in writers.values():
+            writer.close(ok)
+
+    return _finish(out_dir, rows, cfg, config_hash)
+
+
+def shard_settings(cfg: DataConfig) -> dict:
+    """The settings that change shard contents; a resumed run must match them exactly."""
+    return {
+        "catalog": cfg.catalog.model_dump(mode="json", include={"columns", "default_currency", "limit"}),
+        "images": cfg.images.model_dump(mode="json", include={"max_side", "min_side", "jpeg_quality", "max_bytes",
+                                                              "max_pixels"}),
+        "shards": cfg.shards.model_dump(mode="json", include={"samples_per_shard", "max_shard_bytes",
+                                                              "val_fraction", "split_salt"}),
+    }
+
+
+def _finish(out_dir: str, rows: CatalogRows, cfg: DataConfig, config_hash: str) -> dict:
+    """Manifest and rejects from the journals on disk, the single source of truth across resumed runs."""
+    rejects = [r.to_dict() for r in rows.rejects]
+    shards = []
+    for split in SPLITS:
+        header = {"split": split, "catalog": rows.fingerprint(), "config": config_hash}
+        for entry in read_journal(out_dir, split, header):
+            rejects += entry["rejects"]
+            if entry["shard"]:
+                shards.append({"name": entry["shard"], "split": split, "count": entry["count"],
+                               "bytes": entry["bytes"], "sha256": entry["sha256"]})
+    rejects.sort(key=lambda r: (r["row"], r["stage"]))
+    totals = {s: {"shards": sum(1 for x in shards if x["split"] == s),
+                  "samples": sum(x["count"] for x in shards if x["split"] == s),
+                  "bytes": sum(x["bytes"] for x in shards if x["split"] == s)} for s in SPLITS}
+    reasons: dict[str, int] = {}
+    for r in rejects:
+        kind = r["reason"].split(":")[0] if r["stage"] == "catalog" else r["reason"].split(": ", 1)[-1]
+        reasons[kind] = reasons.get(kind, 0) + 1
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "vlmtune_version": __version__,
+        "source": {"catalog": cfg.catalog.source, "rows": len(rows.records) + len(rows.rejects),
+                   "fingerprint": rows.fingerprint()},
+        "config_hash": config_hash,
+        "settings": shard_settings(cfg),
+        "totals": {**totals, "rejected": len(rejects)},
+        "reject_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+        "shards": shards,
+    }
+    write_rejects(out_dir, rejects)
+    write_manifest(out_dir, manifest)
+    return manifest

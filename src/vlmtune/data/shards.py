@@ -1,0 +1,368 @@
+"""WebDataset shards: writing them resumably, describing them in a manifest, streaming them per rank.
+
+Layout of a shard directory:
+    train-000000.tar …  val-000000.tar …   each sample = <key>.jpg + <key>.json (the record)
+    manifest.json                          schema version, per-shard count/bytes/sha256, totals, source
+    rejects.jsonl                          every row that did not become a sample, with its reason
+    _progress/<split>.jsonl                journal of finished shards (what makes prepare resumable)
+
+Streaming policy (`ShardStream`): for epoch e, the split's shards are shuffled with (seed, e) and laid
+end to end into one global sample order of N samples. Rank r of W reads the contiguous range
+[r·N//W, (r+1)·N//W): every sample is read by exactly one rank per epoch — nothing dropped, nothing
+duplicated — even when W does not divide the number of shards; ranks differ by at most one sample.
+Training counts optimizer steps, not epochs, so the stream simply continues into epoch e+1 and ranks
+never wait on each other. Within each shard a bounded buffer shuffles raw (undecoded) samples with an
+RNG seeded by (seed, epoch, rank, shard), so a saved position (epoch, consumed) is restored by skipping
+whole shards by their manifest counts and replaying raw bytes inside one shard: no image is decoded
+to fast-forward, and the resumed stream is identical to the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import os
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+import torch
+from PIL import Image
+from webdataset import ShardWriter
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+MANIFEST = "manifest.json"
+REJECTS = "rejects.jsonl"
+SCHEMA_VERSION = 1
+SPLITS = ("train", "val")
+TAR_MTIME = 1_704_067_200  # fixed member timestamps make shards byte-identical across runs
+
+
+class ShardError(RuntimeError):
+    """The shard directory cannot be used: missing manifest, missing or corrupted shard, wrong split."""
+
+
+class SampleSkipped(Exception):
+    """Raised by a decode or transform step for one bad sample; the stream counts it and moves on."""
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with fsspec.open(str(path), "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def split_of(sample_id: str, val_fraction: float, salt: str) -> str:
+    """Deterministic train/val assignment from a hash of the id: stable across runs and machines."""
+    digest = hashlib.sha256(f"{salt}:{sample_id}".encode()).digest()
+    return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
+
+
+def order_key(sample_id: str, salt: str) -> str:
+    """Samples are written in hash order, so every shard is a well-mixed slice of the catalog."""
+    return hashlib.sha256(f"order:{salt}:{sample_id}".encode()).hexdigest()
+
+
+def sample_key(sample_id: str) -> str:
+    """A tar-safe, dot-free key for a product id (webdataset splits member names at the first dot)."""
+    safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in sample_id)[:80]
+    return f"{safe}_{hashlib.sha1(sample_id.encode()).hexdigest()[:8]}"
+
+
+class SplitWriter:
+    """Writes one split's shards with `webdataset.ShardWriter`, finishing each one atomically.
+
+    Shards are written under a temporary name and renamed when complete, then recorded in the split's
+    journal together with the catalog position they cover and the rejects inside that range. A rerun
+    reads the journal and continues after the last finished shard, so an interrupted prepare ends with
+    exactly the shards an uninterrupted one writes.
+    """
+
+    def __init__(self, out_dir: str, split: str, samples_per_shard: int, max_shard_bytes: int,
+                 journal: list[dict], header: dict):
+        self.out_dir = out_dir.rstrip("/")
+        self.split = split
+        self.fs, self.root = fsspec.core.url_to_fs(self.out_dir)
+        self.fs.makedirs(self.root, exist_ok=True)
+        self.local_tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"vlmtune-{os.getpid()}-{split}"
+        self.local_tmp.mkdir(parents=True, exist_ok=True)
+        self.journal = journal
+        self.header = header
+        self.pending_ids: list[str] = []
+        self.pending_rejects: list[dict] = []
+        self.position = journal[-1]["covered"] if journal else 0
+        self.aborted = False
+        self.writer = ShardWriter(str(self.local_tmp / f"{split}-%06d.tar"), maxcount=samples_per_shard,
+                                  maxsize=max_shard_bytes, post=self._finish_shard,
+                                  start_shard=sum(1 for e in journal if e["shard"]),
+                                  verbose=0, mtime=TAR_MTIME)
+
+    def _finish_shard(self, tmp_name: str) -> None:
+        tmp = Path(tmp_name)
+        if self.aborted or not self.pending_ids:
+            tmp.unlink(missing_ok=True)
+            return
+        name = tmp.name
+        entry = {"shard": name, "count": len(self.pending_ids), "bytes": tmp.stat().st_size,
+                 "sha256": sha256_file(tmp), "ids": self.pending_ids, "rejects": self.pending_rejects,
+                 "covered": self.position}
+        self.fs.put_file(str(tmp), f"{self.root}/{name}.partial")
+        self.fs.mv(f"{self.root}/{name}.partial", f"{self.root}/{name}")
+        tmp.unlink()
+        self._append_journal(entry)
+        self.journal.append(entry)
+        self.pending_ids, self.pending_rejects = [], []
+
+    def _append_journal(self, entry: dict) -> None:
+        path = f"{self.root}/_progress/{self.split}.jsonl"
+        self.fs.makedirs(f"{self.root}/_progress", exist_ok=True)
+        lines = [json.dumps(self.header)] + [json.dumps(e) for e in [*self.journal, entry]]
+        with self.fs.open(path + ".partial", "w") as fh:
+            fh.write("\n".join(lines) + "\n")
+        self.fs.mv(path + ".partial", path)
+
+    def write(self, record: dict, jpeg: bytes) -> None:
+        meta = {k: record[k] for k in ("id", "title", "category", "full_price", "price", "currency")}
+        meta["source"] = {"row": record["row"], "image": record["image"]}
+        # ShardWriter rolls to the next shard *before* writing when the current one is full, which
+        # calls _finish_shard for the previous shard: the sample is only counted after that.
+        self.writer.write({"__key__": sample_key(record["id"]), "jpg": jpeg,
+                           "json": json.dumps(meta, ensure_ascii=False).encode()})
+        self.pending_ids.append(record["id"])
+        self.position += 1
+
+    def reject(self, record: dict, reason: str) -> None:
+        self.pending_rejects.append({"row": record["row"], "id": record["id"], "stage": "image",
+                                     "reason": reason})
+        self.position += 1
+
+    def close(self, ok: bool) -> None:
+        self.aborted = not ok
+        if ok and self.pending_rejects and not self.pending_ids:
+            # Rejects with no sample left to carry them into a shard's entry still need recording.
+            entry = {"shard": None, "count": 0, "rejects": self.pending_rejects, "covered": self.position}
+            self._append_journal(entry)
+            self.journal.append(entry)
+        self.writer.close()
+        for leftover in self.local_tmp.glob("*"):
+            leftover.unlink()
+        self.local_tmp.rmdir()
+
+
+def read_journal(out_dir: str, split: str, header: dict) -> list[dict]:
+    """Finished shards of a previous run, or [] when starting fresh. Refuses a journal from a different
+    catalog or config, since continuing it would mix two data sets."""
+    fs, root = fsspec.core.url_to_fs(out_dir.rstrip("/"))
+    path = f"{root}/_progress/{split}.jsonl"
+    if not fs.exists(path):
+        return []
+    with fs.open(path, "r") as fh:
+        lines = [json.loads(line) for line in fh if line.strip()]
+    previous, entries = lines[0], lines[1:]
+    if previous != header:
+        changed = sorted(k for k in header if previous.get(k) != header[k])
+        raise ShardError(
+            f"{out_dir} holds shards prepared from a different catalog or config (changed: {', '.join(changed)}); "
+            "use another output directory or delete this one"
+        )
+    for entry in entries:
+        if entry["shard"] is not None and not fs.exists(f"{root}/{entry['shard']}"):
+            raise ShardError(f"{out_dir}: journal lists {entry['shard']} but the file is missing; delete the "
+                             "directory and prepare again")
+    return entries
+
+
+def write_manifest(out_dir: str, manifest: dict) -> None:
+    fs, root = fsspec.core.url_to_fs(out_dir.rstrip("/"))
+    with fs.open(f"{root}/{MANIFEST}.partial", "w") as fh:
+        json.dump(manifest, fh, indent=2, ensure_ascii=False)
+    fs.mv(f"{root}/{MANIFEST}.partial", f"{root}/{MANIFEST}")
+
+
+def write_rejects(out_dir: str, rejects: list[dict]) -> None:
+    fs, root = fsspec.core.url_to_fs(out_dir.rstrip("/"))
+    with fs.open(f"{root}/{REJECTS}", "w") as fh:
+        for r in rejects:
+            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    url: str
+    count: int
+    bytes: int
+    sha256: str
+
+
+def load_manifest(shard_dir: str) -> dict:
+    fs, root = fsspec.core.url_to_fs(shard_dir.rstrip("/"))
+    path = f"{root}/{MANIFEST}"
+    if not fs.exists(path):
+        raise ShardError(f"no {MANIFEST} in {shard_dir}: run `python jobs/prepare_data.py` first")
+    with fs.open(path, "r") as fh:
+        manifest = json.load(fh)
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ShardError(f"{shard_dir}/{MANIFEST}: schema_version {manifest.get('schema_version')} "
+                         f"(this vlmtune reads {SCHEMA_VERSION}); prepare the data again")
+    return manifest
+
+
+def split_shards(shard_dir: str, split: str, manifest: dict | None = None) -> list[ShardInfo]:
+    manifest = manifest or load_manifest(shard_dir)
+    base = shard_dir.rstrip("/")
+    shards = [ShardInfo(s["name"], f"{base}/{s['name']}", s["count"], s["bytes"], s["sha256"])
+              for s in manifest["shards"] if s["split"] == split]
+    if not shards:
+        raise ShardError(f"{shard_dir}: the manifest has no '{split}' shards")
+    return shards
+
+
+def verify_shards(shards: list[ShardInfo], checksum: bool = True) -> None:
+    """Fail before training on a missing, resized or (with checksum) altered shard."""
+    fs, _ = fsspec.core.url_to_fs(shards[0].url)
+    for shard in shards:
+        if not fs.exists(shard.url):
+            raise ShardError(f"shard {shard.url} listed in the manifest is missing")
+        size = fs.size(shard.url)
+        if size != shard.bytes:
+            raise ShardError(f"shard {shard.url} has {size} bytes, the manifest says {shard.bytes}")
+        if checksum and sha256_file(shard.url) != shard.sha256:
+            raise ShardError(f"shard {shard.url} does not match its sha256 in the manifest (corrupted copy?)")
+
+
+def rank_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
+    return rank * total // world_size, (rank + 1) * total // world_size
+
+
+def epoch_plan(shards: list[ShardInfo], epoch: int, seed: int, rank: int, world_size: int,
+               shuffle: bool) -> list[tuple[ShardInfo, int, int]]:
+    """This rank's (shard, first, end) segments for one epoch, in reading order."""
+    order = list(shards)
+    if shuffle:
+        random.Random(f"{seed}:{epoch}:shards").shuffle(order)
+    start, end = rank_range(sum(s.count for s in order), rank, world_size)
+    plan, offset = [], 0
+    for shard in order:
+        lo, hi = max(start, offset), min(end, offset + shard.count)
+        if lo < hi:
+            plan.append((shard, lo - offset, hi - offset))
+        offset += shard.count
+    return plan
+
+
+def raw_samples(url: str) -> Iterator[dict]:
+    with fsspec.open(url, "rb") as fh:
+        yield from group_by_keys({**member, "__url__": url} for member in tar_file_iterator(fh))
+
+
+def _buffered(items: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    buffer: list[dict] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        i = rng.randrange(size)
+        yield buffer[i]
+        buffer[i] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def decode_sample(raw: dict) -> dict:
+    """Raw tar members → {'key', 'image' (PIL RGB), 'meta'}; a bad member raises SampleSkipped."""
+    key = raw.get("__key__", "?")
+    if "json" not in raw or "jpg" not in raw:
+        raise SampleSkipped(f"{key}: incomplete sample (members: {sorted(k for k in raw if not k.startswith('__'))})")
+    try:
+        meta = json.loads(raw["json"])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SampleSkipped(f"{key}: bad JSON ({e})") from None
+    try:
+        image = Image.open(io.BytesIO(raw["jpg"]))
+        image = image.convert("RGB")
+    except (OSError, SyntaxError, ValueError) as e:
+        raise SampleSkipped(f"{key}: bad image ({e})") from None
+    return {"key": key, "image": image, "meta": meta}
+
+
+class ShardStream(torch.utils.data.IterableDataset):
+    """One rank's deterministic stream over a split; see the module docstring for the policy.
+
+    Yields dicts with `position` = (epoch, index in this rank's epoch) and either the transformed sample
+    or `skipped` = reason. The consumer records the position of the last item it used; passing that back
+    as `start` resumes exactly after it. With DataLoader workers, worker w of n decodes the items whose
+    ordinal since `start` ≡ w (mod n) and skips the rest as raw bytes; DataLoader's round-robin fetch then returns items
+    in the same order as with no workers.
+    """
+
+    def __init__(self, shards: list[ShardInfo], rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True, shuffle_buffer: int = 64, infinite: bool = True,
+                 start: tuple[int, int] = (0, 0), transform: Callable[[dict], dict] | None = None):
+        if world_size > sum(s.count for s in shards):
+            raise ShardError(f"{world_size} ranks but only {sum(s.count for s in shards)} samples in the split")
+        self.shards, self.rank, self.world_size, self.seed = shards, rank, world_size, seed
+        self.shuffle, self.shuffle_buffer, self.infinite = shuffle, shuffle_buffer, infinite
+        self.start = start
+        self.transform = transform
+
+    def samples_per_epoch(self) -> int:
+        lo, hi = rank_range(sum(s.count for s in self.shards), self.rank, self.world_size)
+        return hi - lo
+
+    def _epoch_raw(self, epoch: int, skip: int) -> Iterator[tuple[int, dict]]:
+        """(index, raw sample) for this rank's epoch, starting at index `skip`."""
+        index = 0
+        for shard, first, end in epoch_plan(self.shards, epoch, self.seed, self.rank, self.world_size,
+                                            self.shuffle):
+            n = end - first
+            if index + n <= skip:  # fast-forward over whole shards without opening them
+                index += n
+                continue
+            raw = itertools.islice(raw_samples(shard.url), first, end)
+            if self.shuffle and self.shuffle_buffer > 1:
+                rng = random.Random(f"{self.seed}:{epoch}:{self.rank}:{shard.name}:{first}")
+                raw = _buffered(raw, self.shuffle_buffer, rng)
+            for sample in raw:
+                if index >= skip:
+                    yield index, sample
+                index += 1
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        epoch, skip = self.start
+        ordinal = 0  # items since `start`: DataLoader asks worker 0 first, whatever the start index
+        while True:
+            for index, raw in self._epoch_raw(epoch, skip):
+                ordinal += 1
+                if (ordinal - 1) % workers != worker:
+                    continue
+                item = {"position": (epoch, index)}
+                try:
+                    sample = decode_sample(raw)
+                    item.update(self.transform(sample) if self.transform else sample)
+                except SampleSkipped as e:
+                    item["skipped"] = str(e)
+                yield item
+            if not self.infinite:
+                return
+            epoch, skip = epoch + 1, 0
+
+
+def next_position(position: tuple[int, int], samples_per_epoch: int) -> tuple[int, int]:
+    """The stream start that resumes right after the item at `position`."""
+    epoch, index = position
+    return (epoch + 1, 0) if index + 1 >= samples_per_epoch else (epoch, index + 1)

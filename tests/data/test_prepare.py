@@ -1,0 +1,176 @@
+"""prepare end to end: real Ray Data tasks, a real HTTP server, real tar shards."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from vlmtune.config import CatalogConfig, DataConfig, ImageConfig, ShardConfig, load_config
+from vlmtune.data.prepare import prepare
+from vlmtune.data.sample import generate_sample_catalog
+from vlmtune.data.shards import ShardError, load_manifest, sha256_file, split_of
+
+REPO = Path(__file__).resolve().parents[2]
+HEADER = ["product_code", "title", "category1_code", "category2_code", "category3_code", "full_price", "price",
+          "currency_code", "imageurl"]
+
+
+def write_catalog(path: Path, rows: list[list]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(HEADER)
+        writer.writerows(rows)
+    return path
+
+
+def shard_members(path: Path) -> list[str]:
+    with tarfile.open(path) as tar:
+        return tar.getnames()
+
+
+@pytest.mark.slow
+def test_mixed_catalog_every_row_is_a_sample_or_a_recorded_reject(ray_local, server, tmp_path):
+    local = tmp_path / "local.jpg"
+    local.write_bytes(server.files["good.jpg"])
+    u = server.url
+    rows = [
+        [1, "Good Tote", "Women", "Bags", "Totes", "$1,890.00", "", "USD", u("/img/good.jpg")],
+        [2, "Gone", "Women", "Bags", "Totes", "100", "", "USD", u("/status/404")],
+        [3, "Flaky", "Women", "Bags", "Totes", "100", "", "USD", u("/flaky/good.jpg")],
+        [4, "Truncated", "Women", "Bags", "Totes", "100", "", "USD", u("/img/truncated.jpg")],
+        [5, "Html", "Women", "Bags", "Totes", "100", "", "USD", u("/html")],
+        [6, "Bomb", "Women", "Bags", "Totes", "100", "", "USD", u("/img/bomb.png")],
+        [7, "Cmyk", "Men", "Shoes", "", "690", "590", "USD", u("/img/cmyk.jpg")],
+        [8, "Palette", "Men", "Shoes", "", "690", "", "USD", u("/img/palette.png")],
+        [9, "Local", "Men", "Belts", "", "450", "", "USD", str(local)],
+        [1, "Duplicate", "Women", "Bags", "Totes", "1", "", "USD", u("/img/good.jpg")],
+        [10, "No price", "Women", "Bags", "Totes", "", "", "USD", u("/img/good.jpg")],
+        [11, "Crème Écharpe", "Women", "Scarves", "", "1.234,00", "", "EUR", u("/img/exif.jpg")],
+    ]
+    catalog = write_catalog(tmp_path / "catalog.csv", rows)
+    out = tmp_path / "shards"
+    cfg = DataConfig(catalog=CatalogConfig(source=str(catalog)),
+                     images=ImageConfig(timeout_s=2, retries=2, backoff_s=0.01, max_pixels=10_000_000),
+                     shards=ShardConfig(dir=str(out), samples_per_shard=2, val_fraction=0.3, rows_per_task=3))
+    manifest = prepare(cfg)
+
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    by_row = {r["row"]: r for r in rejects}
+    assert set(by_row) == {1, 3, 4, 5, 9, 10}
+    assert by_row[1]["reason"].endswith("HTTP 404 Not Found") and by_row[1]["stage"] == "image"
+    assert "corrupt image" in by_row[3]["reason"]
+    assert by_row[4]["reason"].endswith("not an image (got text/html)")
+    assert "decompression bomb" in by_row[5]["reason"]
+    assert by_row[9] == {"row": 9, "id": "1", "stage": "catalog", "reason": "duplicate id (kept row 0)"}
+    assert by_row[10]["reason"].startswith("full_price missing")
+
+    samples = {}
+    for shard in manifest["shards"]:
+        path = out / shard["name"]
+        assert sha256_file(path) == shard["sha256"] and path.stat().st_size == shard["bytes"]
+        members = shard_members(path)
+        assert len(members) == 2 * shard["count"]
+        with tarfile.open(path) as tar:
+            for name in members:
+                if name.endswith(".json"):
+                    meta = json.loads(tar.extractfile(name).read())
+                    samples[meta["id"]] = (shard["split"], meta)
+    assert sorted(samples) == ["1", "11", "3", "7", "8", "9"]
+    assert len(samples) + len(rejects) == len(rows)  # nothing silently lost
+    assert samples["11"][1]["title"] == "Crème Écharpe" and samples["11"][1]["full_price"] == 1234.0
+    assert samples["7"][1]["price"] == 590.0 and samples["7"][1]["category"] == ["Men", "Shoes"]
+    for sid, (split, _) in samples.items():
+        assert split == split_of(sid, 0.3, cfg.shards.split_salt)
+    assert manifest["totals"]["rejected"] == 6
+    assert manifest["totals"]["train"]["samples"] + manifest["totals"]["val"]["samples"] == 6
+    assert server.hits["/flaky/good.jpg"] == 3
+
+
+def test_split_is_a_stable_function_of_the_id():
+    # Fixed expectations: a change here would silently move products between train and val.
+    assert [i for i in range(100) if split_of(str(i), 0.2, "vlmtune-split-v1") == "val"] == [
+        18, 35, 37, 42, 43, 50, 51, 56, 59, 74, 76, 82, 87, 91, 93, 95, 96, 98]
+    share = sum(split_of(f"id-{i}", 0.1, "s") == "val" for i in range(5000)) / 5000
+    assert 0.08 < share < 0.12
+
+
+def _slow_sample_catalog(tmp_path, server, n) -> Path:
+    """The sample catalog with images served slowly over HTTP, so a prepare run can be killed mid-way."""
+    csv_path = generate_sample_catalog(tmp_path / "cat", n, seed=3)
+    rows = list(csv.DictReader(csv_path.open(encoding="utf-8")))
+    for row in rows:
+        name = Path(row["imageurl"]).name
+        server.files[name] = (csv_path.parent / row["imageurl"]).read_bytes()
+        row["imageurl"] = server.url(f"/delay/{name}")
+    with csv_path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return csv_path
+
+
+SHARD_ARGS = ["data.shards.samples_per_shard=6", "data.shards.val_fraction=0.2", "data.shards.rows_per_task=4",
+              "data.shards.max_concurrent_tasks=1", "data.images.fetch_threads=1"]
+
+
+def _shard_digests(out: Path) -> dict[str, str]:
+    return {p.name: sha256_file(p) for p in sorted(out.glob("*.tar"))}
+
+
+@pytest.mark.slow
+def test_killed_prepare_resumes_to_the_same_shards(ray_local, server, tmp_path):
+    server.delay_s = 0.08
+    catalog = _slow_sample_catalog(tmp_path, server, 72)
+    killed, straight = tmp_path / "killed", tmp_path / "straight"
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), RAY_ADDRESS=ray_local.get_runtime_context().gcs_address)
+    cmd = [sys.executable, str(REPO / "jobs/prepare_data.py"), f"data.catalog.source={catalog}", *SHARD_ARGS]
+    proc = subprocess.Popen([*cmd, f"data.shards.dir={killed}"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    journal = killed / "_progress" / "train.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if journal.exists() and len(journal.read_text().splitlines()) >= 3:  # header + 2 finished shards
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "prepare finished before it could be interrupted"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "manifest.json").exists()
+    finished_ids = {i for line in journal.read_text().splitlines()[1:] for i in json.loads(line)["ids"]}
+    assert len(finished_ids) >= 12
+
+    server.hits.clear()
+    rerun = subprocess.run([*cmd, f"data.shards.dir={killed}"], env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    refetched = {Path(path).stem for path in server.hits}
+    assert refetched and not refetched & finished_ids, "images of finished shards were fetched again"
+
+    cfg = load_config(overrides=[f"data.catalog.source={catalog}", *SHARD_ARGS, f"data.shards.dir={straight}"])
+    prepare(cfg.data)
+    assert _shard_digests(killed) == _shard_digests(straight)
+    assert load_manifest(str(killed))["shards"] == load_manifest(str(straight))["shards"]
+    assert (killed / "rejects.jsonl").read_text() == (straight / "rejects.jsonl").read_text()
+
+    server.hits.clear()
+    prepare(cfg.data)
+    assert sum(server.hits.values()) == 0  # idempotent: nothing left to do
+    assert _shard_digests(straight) == _shard_digests(killed)
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path):
+    from vlmtune.data.shards import read_journal
+
+    progress = tmp_path / "_progress"
+    progress.mkdir()
+    (progress / "train.jsonl").write_text(json.dumps({"split": "train", "catalog": "a", "config": "b"}) + "\n")
+    with pytest.raises(ShardError, match=r"different catalog or config \(changed: config\)"):
+        read_journal(str(tmp_path), "train", {"split": "train", "catalog": "a", "config": "c"})
