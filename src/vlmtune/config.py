@@ -242,14 +242,24 @@ def section_hash(section: BaseModel) -> str:
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:
-    """`a.b.c=value` → (['a','b','c'], value parsed as YAML, so `3`, `true`, `[x, y]` and `null` work)."""
+    """`a.b.c=value` → (['a','b','c'], value parsed as a YAML scalar or flow list/dict: `3`, `true`, `null`,
+    `[x, y]`; anything else stays the literal string)."""
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form section.key=value")
     key, raw = item.split("=", 1)
     parts = [p for p in key.strip().split(".") if p]
     if not parts:
         raise ConfigError(f"override {item!r} has an empty key")
-    return parts, yaml.safe_load(raw) if raw.strip() else ""
+    if not raw.strip():
+        return parts, ""
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return parts, raw
+    # Only explicit [..] / {..} make collections; "Describe it: price?" stays a string.
+    if isinstance(value, (dict, list)) and not raw.strip().startswith(("[", "{")):
+        return parts, raw
+    return parts, value
 
 
 def _set_dotted(tree: dict, parts: list[str], value: Any, origin: str) -> None:
