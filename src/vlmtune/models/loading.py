@@ -1,0 +1,287 @@
+"""Load Phi-3-Vision models and processors, add LoRA adapters, freeze parts for full fine-tuning.
+
+One entry point, `load(name_or_path)`, serves every place a model is needed:
+
+- `"tiny-phi3v"`: a seeded random model of a few hundred thousand parameters with a byte-level tokenizer,
+  built in code. Tests, CPU smoke runs and CI use it; it has the exact structure of the real model.
+- an official hub id or a local directory with `config.json`: `from_pretrained`, official key layout.
+- a directory holding a PEFT adapter: its base model (from `adapter_config.json`) plus the adapter.
+- `random_init=True` with an official id: the real-size architecture from the embedded official config
+  with random weights, for GPU benchmarks without downloading 8 GB.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from torch import nn
+
+from .phi3v import Phi3VConfig, Phi3VForCausalLM, Phi3VImageProcessor, Phi3VProcessor
+from .phi3v.presets import OFFICIAL_CONFIGS, OFFICIAL_PREPROCESSORS
+from .phi3v.tokenizer import build_tiny_tokenizer
+
+if TYPE_CHECKING:
+    from vlmtune.config import FreezeConfig, LoraConfig
+
+logger = logging.getLogger(__name__)
+
+TINY = "tiny-phi3v"
+ADAPTER_CONFIG = "adapter_config.json"
+
+# Module-name patterns per LoRA preset (full names, as PEFT matches them with re.fullmatch). Anchored on
+# the top-level path so language presets never reach CLIP's layers and vice versa.
+_VISION = r"model\.vision_embed_tokens\.img_processor\.vision_model\.encoder\.layers"
+LORA_PRESETS: dict[str, str] = {
+    "language_attention": r"model\.layers\.\d+\.self_attn\.(?:qkv_proj|o_proj)",
+    "language_mlp": r"model\.layers\.\d+\.mlp\.(?:gate_up_proj|down_proj)",
+    "lm_head": r"lm_head",
+    "projector": r"model\.vision_embed_tokens\.img_projection\.(?:0|2)",
+    "vision_tower": _VISION + r"\.(?:{layers})\.(?:self_attn\.(?:q_proj|k_proj|v_proj|out_proj)|mlp\.(?:fc1|fc2))",
+}
+
+
+def tiny_config(tokenizer: Any) -> Phi3VConfig:
+    """The tiny architecture: 56-px tiles of 4x4 patches, CLIP width 32, text width 64, LongRoPE on.
+
+    `original_max_position_embeddings` is 64 so ordinary test prompts cross the short/long RoPE switch.
+    """
+    return Phi3VConfig(
+        architectures=["Phi3VForCausalLM"],
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        original_max_position_embeddings=64,
+        rope_scaling={
+            "type": "su",
+            "short_factor": [1.0 + 0.125 * i for i in range(16)],
+            "long_factor": [1.0 + 0.5 * i for i in range(16)],
+        },
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        image_token_id=tokenizer.convert_tokens_to_ids("<|image|>"),
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 56,
+            "patch_size": 14,
+            "hidden_act": "quick_gelu",
+            "layer_norm_eps": 1e-5,
+            "projection_dim": 32,
+        },
+    )
+
+
+def load(
+    name_or_path: str | Path,
+    *,
+    num_crops: int | None = None,
+    attn_implementation: str = "sdpa",
+    dtype: torch.dtype = torch.float32,
+    random_init: bool = False,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+) -> tuple[nn.Module, Phi3VProcessor]:
+    """(model, processor) for a name (see the module docstring); `num_crops` overrides the processor's.
+
+    `seed` only matters for random weights (tiny or `random_init`); `device` builds random weights in
+    place (e.g. "cuda", or "meta" for shape checks) and moves loaded ones there.
+    """
+    name = str(name_or_path)
+    options = {"attn_implementation": attn_implementation, "dtype": dtype, "seed": seed, "device": device}
+    if name == TINY:
+        tokenizer = build_tiny_tokenizer()
+        config = tiny_config(tokenizer)
+        config.name_or_path = TINY
+        image_processor = Phi3VImageProcessor(
+            num_crops=num_crops or 4,
+            num_img_tokens=config.tokens_per_side**2,
+            tile_size=config.vision_config.image_size,
+        )
+        processor = Phi3VProcessor(image_processor, tokenizer, image_token_id=config.image_token_id)
+        return _random_model(config, **options), processor
+
+    path = Path(name)
+    if (path / ADAPTER_CONFIG).is_file():
+        return _load_adapter(path, num_crops=num_crops, random_init=random_init, **options)
+    if random_init:
+        if name in OFFICIAL_CONFIGS:
+            config = Phi3VConfig.from_dict(dict(OFFICIAL_CONFIGS[name]))
+        else:
+            config = Phi3VConfig.from_pretrained(name)
+        config.name_or_path = name
+        return _random_model(config, **options), _processor_for_random(name, config, num_crops)
+
+    model = Phi3VForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=attn_implementation)
+    if device is not None:
+        model.to(device)
+    processor = Phi3VProcessor.from_pretrained(name, num_crops=num_crops)
+    processor.image_token_id = model.config.image_token_id  # the model decides which id it reads as a slot
+    return model, processor
+
+
+def _random_model(
+    config: Phi3VConfig,
+    *,
+    attn_implementation: str,
+    dtype: torch.dtype,
+    seed: int,
+    device: str | torch.device | None,
+) -> Phi3VForCausalLM:
+    """Random weights, identical for identical (config, seed, dtype); the global RNG is left untouched."""
+    with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
+        torch.manual_seed(seed)
+        model = Phi3VForCausalLM._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    return model.eval()
+
+
+def _processor_for_random(name: str, config: Phi3VConfig, num_crops: int | None) -> Phi3VProcessor:
+    """The real processor if it is cached; else the official image processor with the byte-level tokenizer.
+
+    Random weights do not care which tokenizer produced the ids, so benchmarks keep working offline.
+    """
+    try:
+        processor = Phi3VProcessor.from_pretrained(name, num_crops=num_crops, local_files_only=True)
+    except (OSError, ValueError):
+        if name not in OFFICIAL_PREPROCESSORS:
+            raise
+        logger.warning("%s: tokenizer not available offline; using the byte-level tokenizer", name)
+        image_processor = Phi3VImageProcessor(**OFFICIAL_PREPROCESSORS[name])
+        if num_crops is not None:
+            image_processor.num_crops = num_crops
+        processor = Phi3VProcessor(image_processor, build_tiny_tokenizer())
+    processor.image_token_id = config.image_token_id
+    return processor
+
+
+def _load_adapter(path: Path, **options: Any) -> tuple[PeftModel, Phi3VProcessor]:
+    """Base model named in `adapter_config.json` + the adapter; the directory's processor if it has one.
+
+    The adapter is loaded for inference (frozen), as PEFT does by default.
+    """
+    base = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{path / ADAPTER_CONFIG} does not name its base model (base_model_name_or_path)")
+    model, processor = load(base, **options)
+    model = PeftModel.from_pretrained(model, path)
+    if (path / "preprocessor_config.json").is_file():
+        processor = Phi3VProcessor.from_pretrained(path, num_crops=options["num_crops"])
+        processor.image_token_id = model.config.image_token_id
+    return model, processor
+
+
+# ------------------------------------------------------------------------------------------------ LoRA
+
+
+def lora_target_pattern(model: nn.Module, targets: Sequence[str], extra_target_modules: Sequence[str] = ()) -> str:
+    """One regex (PEFT full-matches it) for the preset `targets` plus raw module names.
+
+    Raw names follow PEFT's list semantics (the name or a dotted suffix of it). Every preset and raw name
+    must match at least one module, so a typo or an architecture change fails here, not silently.
+    """
+    names = [name for name, _ in model.named_modules()]
+    linear = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    parts = []
+    for target in targets:
+        if target not in LORA_PRESETS:
+            raise ValueError(f"unknown LoRA target preset {target!r}; known: {sorted(LORA_PRESETS)}")
+        pattern = LORA_PRESETS[target]
+        if target == "vision_tower":
+            pattern = pattern.format(layers="|".join(map(str, range(vision_tower(model).num_layers_used))))
+        if not any(re.fullmatch(pattern, name) for name in linear):
+            raise ValueError(f"LoRA target preset {target!r} matches no linear layer of {type(model).__name__}")
+        parts.append(pattern)
+    for raw in extra_target_modules:
+        pattern = rf"(?:.*\.)?{re.escape(raw)}"
+        if not any(re.fullmatch(pattern, name) for name in names):
+            raise ValueError(f"LoRA extra target module {raw!r} matches no module of {type(model).__name__}")
+        parts.append(pattern)
+    if not parts:
+        raise ValueError("no LoRA targets: set targets or extra_target_modules")
+    return "|".join(f"(?:{p})" for p in parts)
+
+
+def apply_lora(model: Phi3VForCausalLM, lora_cfg: LoraConfig) -> PeftModel:
+    """Wrap `model` with LoRA adapters on the configured targets; everything else is frozen."""
+    pattern = lora_target_pattern(model, lora_cfg.targets, lora_cfg.extra_target_modules)
+    peft_config = PeftLoraConfig(
+        r=lora_cfg.r,
+        lora_alpha=lora_cfg.alpha,
+        lora_dropout=lora_cfg.dropout,
+        target_modules=pattern,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, peft_config)
+
+
+def vision_tower(model: nn.Module) -> nn.Module:
+    """The CLIP transformer inside `model` (plain or PEFT-wrapped)."""
+    for name, module in model.named_modules():
+        if name.endswith("img_processor.vision_model"):
+            return module
+    raise ValueError(f"{type(model).__name__} has no vision tower")
+
+
+# ------------------------------------------------------------------------------------------- freezing
+
+
+def parameter_group(name: str) -> str:
+    """Group of a parameter name (works on plain and PEFT-wrapped models)."""
+    if ".lora_" in name:
+        return "lora"
+    name = name.removeprefix("base_model.model.")
+    if name.startswith("model.vision_embed_tokens.img_processor."):
+        return "vision_tower"
+    if name.startswith("model.vision_embed_tokens."):
+        return "projector"  # img_projection and the glb_GN / sub_GN separators
+    if name.startswith("model.embed_tokens."):
+        return "embeddings"
+    if name.startswith("lm_head."):
+        return "lm_head"
+    return "language_model"
+
+
+def apply_freeze(model: Phi3VForCausalLM, freeze_cfg: FreezeConfig) -> Phi3VForCausalLM:
+    """Full fine-tuning policy: train everything except the groups `freeze_cfg` names.
+
+    Groups are disjoint by parameter name, so freezing the vision tower never touches the text embedding
+    (the official module shares `embed_tokens` inside `vision_embed_tokens`, and freezing that module
+    froze both). The CLIP layers past the feature layer stay frozen: they never run.
+    """
+    frozen = {
+        "vision_tower": freeze_cfg.vision_tower,
+        "projector": freeze_cfg.projector,
+        "embeddings": freeze_cfg.embeddings,
+    }
+    tower = vision_tower(model)
+    unused_modules = [*tower.encoder.layers[tower.num_layers_used :], tower.post_layernorm]
+    unused = {id(p) for m in unused_modules for p in m.parameters()}
+    for name, param in model.named_parameters():
+        param.requires_grad_(not frozen.get(parameter_group(name), False) and id(param) not in unused)
+    return model
+
+
+def trainable_parameter_summary(model: nn.Module) -> dict[str, dict[str, int]]:
+    """{group: {"trainable": n, "total": n}} for the groups present, plus "all"."""
+    summary: dict[str, dict[str, int]] = {}
+    for name, param in model.named_parameters():
+        for group in (parameter_group(name), "all"):
+            counts = summary.setdefault(group, {"trainable": 0, "total": 0})
+            counts["total"] += param.numel()
+            counts["trainable"] += param.numel() if param.requires_grad else 0
+    return summary
