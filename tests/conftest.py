@@ -23,3 +23,17 @@ def ray_local():
     if not ray.is_initialized():
         ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
+
+
+@pytest.fixture(scope="session")
+def sample_shards(ray_local, tmp_path_factory) -> str:
+    """Shards of a 120-product synthetic catalog (5 train shards, 1 val shard), prepared with Ray Data."""
+    from vlmtune.config import load_config
+    from vlmtune.data.prepare import prepare
+
+    out = tmp_path_factory.mktemp("sample") / "shards"
+    cfg = load_config(overrides=["data.catalog.sample_size=120", f"data.shards.dir={out}",
+                                 "data.shards.samples_per_shard=24", "data.shards.val_fraction=0.15",
+                                 "data.images.max_side=128"])
+    prepare(cfg.data)
+    return str(out)

@@ -53,7 +53,7 @@ def test_type_and_range_errors_are_explained():
 
 
 def test_cross_field_checks():
-    with pytest.raises(ConfigError, match="quantize_4bit does not work with train.zero_stage=3"):
+    with pytest.raises(ConfigError, match=r"quantize_4bit does not work with train\.zero_stage=3"):
         load_config(overrides=["model.lora.quantize_4bit=true", "train.zero_stage=3"])
     with pytest.raises(ConfigError, match="no targets"):
         load_config(overrides=["model.lora.targets=[]"])

@@ -1,7 +1,8 @@
 """A synthetic, seeded product catalog in the Burberry schema, for demos and tests.
 
 Each product is a drawing whose visible attributes determine its labels, so even a tiny model can
-learn them: the silhouette fixes the category path, the fill colour names the title's colour word, a
+learn them: the silhouette fixes the category path (and every category has its own two colours, so
+even a low-resolution view separates them), the fill colour names the title's colour word, a
 check pattern adds "Check" to the title and 40% to the price, and a large drawing adds "Large" and 20%.
 Images vary in size and aspect ratio (and a few are PNG) so the HD transform and the image pipeline see
 realistic variety. The catalog is a CSV with the same columns as the DBQ Burberry price data set, so
@@ -142,15 +143,15 @@ PRODUCTS = [
     Product(("Women", "Scarves", "Cashmere Scarves"), "Scarf", "Cashmere", 590.0,
             (("Archive Beige", (214, 190, 150)), ("Crème", (243, 229, 200))), _scarf_body, _scarf),
     Product(("Women", "Coats", "Trench Coats"), "Trench Coat", "Gabardine", 2390.0,
-            (("Honey", (201, 144, 66)), ("Navy", (30, 40, 90))), _coat_body, _coat),
+            (("Camel", (160, 120, 80)), ("Navy", (30, 40, 90))), _coat_body, _coat),
     Product(("Men", "Shoes", "Sneakers"), "Sneakers", "Canvas", 690.0,
             (("White", (235, 235, 235)), ("Burgundy", (120, 25, 40))), _sneaker_body, _sneaker),
     Product(("Men", "Accessories", "Belts"), "Belt", "Leather", 450.0,
-            (("Black", (30, 30, 30)), ("Tan", (170, 110, 60))), _belt_body, _belt),
+            (("Chocolate", (80, 45, 25)), ("Olive", (110, 110, 40))), _belt_body, _belt),
     Product(("Men", "Wallets", "Card Cases"), "Card Case", "Grainy Leather", 390.0,
-            (("Burgundy", (120, 25, 40)), ("Forest Green", (30, 80, 50))), _card_case_body, _card_case),
+            (("Plum", (90, 30, 90)), ("Forest Green", (30, 80, 50))), _card_case_body, _card_case),
     Product(("Children", "Hats", "Bucket Hats"), "Bucket Hat", "Cotton", 290.0,
-            (("Archive Beige", (214, 190, 150)), ("Pink", (230, 150, 170))), _hat_body, _hat),
+            (("Sky Blue", (130, 180, 230)), ("Pink", (230, 150, 170))), _hat_body, _hat),
 ]
 ASPECTS = (0.6, 0.75, 1.0, 1.0, 1.33, 1.6)
 

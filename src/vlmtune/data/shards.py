@@ -281,6 +281,11 @@ def _buffered(items: Iterator[dict], size: int, rng: random.Random) -> Iterator[
     yield from buffer
 
 
+def read_metadata(shards: list[ShardInfo]) -> list[dict]:
+    """The JSON records of every sample (images are read past, not decoded)."""
+    return [json.loads(raw["json"]) for shard in shards for raw in raw_samples(shard.url) if "json" in raw]
+
+
 def decode_sample(raw: dict) -> dict:
     """Raw tar members → {'key', 'image' (PIL RGB), 'meta'}; a bad member raises SampleSkipped."""
     key = raw.get("__key__", "?")

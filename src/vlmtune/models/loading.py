@@ -95,13 +95,17 @@ def load(
     random_init: bool = False,
     seed: int = 0,
     device: str | torch.device | None = None,
+    quantize_4bit: bool = False,
 ) -> tuple[nn.Module, Phi3VProcessor]:
     """(model, processor) for a name (see the module docstring); `num_crops` overrides the processor's.
 
     `seed` only matters for random weights (tiny or `random_init`); `device` builds random weights in
-    place (e.g. "cuda", or "meta" for shape checks) and moves loaded ones there.
+    place (e.g. "cuda", or "meta" for shape checks) and moves loaded ones there. `quantize_4bit` loads a
+    pretrained checkpoint's language model in 4-bit NF4 for QLoRA (see `quantization_config`).
     """
     name = str(name_or_path)
+    if quantize_4bit and (name == TINY or random_init):
+        raise ValueError("quantize_4bit (QLoRA) applies to pretrained checkpoints, not random weights")
     options = {"attn_implementation": attn_implementation, "dtype": dtype, "seed": seed, "device": device}
     if name == TINY:
         tokenizer = build_tiny_tokenizer()
@@ -126,12 +130,30 @@ def load(
         config.name_or_path = name
         return _random_model(config, **options), _processor_for_random(name, config, num_crops)
 
-    model = Phi3VForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=attn_implementation)
-    if device is not None:
+    extra = {"quantization_config": quantization_config(dtype), "device_map": {"": torch.cuda.current_device()}} \
+        if quantize_4bit else {}
+    model = Phi3VForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=attn_implementation, **extra)
+    if device is not None and not quantize_4bit:
         model.to(device)
     processor = Phi3VProcessor.from_pretrained(name, num_crops=num_crops)
     processor.image_token_id = model.config.image_token_id  # the model decides which id it reads as a slot
     return model, processor
+
+
+def quantization_config(compute_dtype: torch.dtype):
+    """QLoRA: NF4 with double quantisation for the language model's linear layers; CLIP, the projector and
+    lm_head stay in `compute_dtype` (they are small, and the vision tower is sensitive to quantisation)."""
+    if not torch.cuda.is_available():
+        raise ValueError("model.lora.quantize_4bit (QLoRA) needs CUDA GPUs (bitsandbytes 4-bit kernels)")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ValueError("model.lora.quantize_4bit needs bitsandbytes: pip install 'vlmtune[qlora]'") from None
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_quant_storage=compute_dtype,
+                              llm_int8_skip_modules=["img_processor", "img_projection", "lm_head"])
 
 
 def _random_model(

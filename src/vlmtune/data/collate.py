@@ -1,0 +1,72 @@
+"""Shard sample → model inputs with loss only on the answer, and batches of them.
+
+`SampleEncoder` runs inside the shard stream (so in DataLoader worker processes): the HD image transform
+and tokenisation happen next to the JPEG decode, off the training process. The prompt is the chat
+template around `<|image_1|>` + the question; the target is the answer followed by `<|end|>\n<|endoftext|>`
+(Phi-3-V's fine-tuning convention), and every prompt position — BOS, role tags, image slots, the
+question — gets label -100, so the model learns to answer, not to repeat the prompt.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vlmtune.config import PromptConfig
+from vlmtune.data.prompts import ANSWER_END, answer_text, user_messages
+from vlmtune.data.shards import SampleSkipped
+
+IGNORE_INDEX = -100
+
+
+class SampleEncoder:
+    """Callable for `ShardStream(transform=...)`: {'image', 'meta', 'key'} → tensors for one sample."""
+
+    def __init__(self, processor, prompt: PromptConfig, max_length: int, with_answer: bool = True):
+        self.processor = processor
+        self.prompt_text = processor.apply_chat_template(user_messages(prompt), add_generation_prompt=True)
+        self.prompt_cfg = prompt
+        self.max_length = max_length
+        self.with_answer = with_answer
+
+    def __call__(self, sample: dict) -> dict:
+        meta = sample["meta"]
+        encoded = self.processor(text=self.prompt_text, images=[sample["image"]], return_tensors="pt")
+        prompt_ids = encoded["input_ids"][0]
+        target = answer_text(meta, self.prompt_cfg)
+        out = {"id": meta.get("id", sample["key"]), "meta": meta, "target": target,
+               "pixel_values": encoded["pixel_values"], "image_sizes": encoded["image_sizes"]}
+        if self.with_answer:
+            answer_ids = self.processor.tokenizer(target + ANSWER_END, add_special_tokens=False,
+                                                  return_tensors="pt")["input_ids"][0]
+            out["input_ids"] = torch.cat([prompt_ids, answer_ids])
+            out["labels"] = torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), answer_ids])
+        else:
+            out["input_ids"] = prompt_ids
+        if len(out["input_ids"]) > self.max_length:
+            raise SampleSkipped(f"{out['id']}: {len(out['input_ids'])} tokens > model.max_length={self.max_length}")
+        return out
+
+
+def collate(samples: list[dict], pad_id: int, padding_side: str = "right") -> dict:
+    """Pad to the longest sample (right for training, left for generation) and stack images.
+
+    The attention mask comes from the true lengths, not from `input_ids != pad_id`: Phi-3's pad id is
+    also its end-of-text id, which must stay visible at the end of every target.
+    """
+    length = max(len(s["input_ids"]) for s in samples)
+    batch_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(samples), length), dtype=torch.long)
+    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long) if "labels" in samples[0] else None
+    for i, s in enumerate(samples):
+        n = len(s["input_ids"])
+        span = slice(length - n, length) if padding_side == "left" else slice(0, n)
+        batch_ids[i, span] = s["input_ids"]
+        mask[i, span] = 1
+        if labels is not None:
+            labels[i, span] = s["labels"]
+    batch = {"input_ids": batch_ids, "attention_mask": mask,
+             "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
+             "image_sizes": torch.cat([s["image_sizes"] for s in samples])}
+    if labels is not None:
+        batch["labels"] = labels
+    return batch

@@ -1,0 +1,208 @@
+"""Batch inference with Ray Data: shards or a raw catalog in, a resumable Parquet dataset out.
+
+Rows are read inside Ray tasks (one task per shard, or the prepare image pipeline for a raw catalog), so
+nothing but ids and results passes through the driver. Generation runs in an actor pool
+(`map_batches` with a callable class): each actor loads the model once — one per GPU on a GPU cluster,
+CPU actors locally — and answers batches with left-padded greedy decoding.
+
+The output is a Parquet dataset directory written part by part (`part-NNNNN.parquet`, each written to
+a temporary name and renamed). A rerun reads the ids already written and only predicts the rest, so an
+interrupted prediction resumes without duplicates.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from vlmtune.config import Config
+from vlmtune.data.collate import SampleEncoder
+from vlmtune.data.prompts import answer_text, parse_answer
+from vlmtune.data.shards import raw_samples, split_shards
+
+COLUMNS = ["id", "image", "target", "generated", "title", "category", "full_price", "currency",
+           "pred_title", "pred_category", "pred_full_price", "pred_currency", "parse_error", "error"]
+
+
+def shard_rows(row: dict) -> list[dict]:
+    """Ray Data flat_map: one shard URL → its samples as {id, image_ref, jpg, meta}."""
+    rows = []
+    for raw in raw_samples(row["url"]):
+        try:
+            meta = json.loads(raw["json"])
+        except (KeyError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            meta = {"id": raw["__key__"], "error": f"bad JSON ({e})"}
+        rows.append({"id": str(meta["id"]), "image_ref": f"{row['url']}#{raw['__key__']}",
+                     "jpg": raw.get("jpg", b""), "meta": json.dumps(meta, ensure_ascii=False)})
+    return rows
+
+
+def catalog_rows(batch: dict[str, np.ndarray], images) -> dict[str, np.ndarray]:
+    """Ray Data map_batches: catalog records → the prepare image pipeline → rows like `shard_rows`."""
+    from vlmtune.data.prepare import fetch_batch
+
+    fetched = fetch_batch({"record": batch["record"]}, images)
+    metas = [json.loads(r) for r in batch["record"]]
+    return {"id": np.array([m["id"] for m in metas], dtype=object),
+            "image_ref": np.array([m["image"] for m in metas], dtype=object),
+            "jpg": fetched["jpeg"],
+            "meta": np.array([json.dumps(m if not e else {**m, "error": e}, ensure_ascii=False)
+                              for m, e in zip(metas, fetched["error"], strict=True)], dtype=object)}
+
+
+class AnswerGenerator:
+    """Ray Data actor: loads the model once, answers batches of rows."""
+
+    def __init__(self, model: str, cfg: dict, use_gpu: bool):
+        from vlmtune.models.loading import load
+
+        self.cfg = Config.model_validate(cfg)
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        dtype = torch.bfloat16 if use_gpu else torch.float32
+        self.model, self.processor = load(model, num_crops=self.cfg.model.num_crops, dtype=dtype,
+                                          attn_implementation=self.cfg.model.attn_implementation)
+        self.model.to(self.device).eval()
+        self.encoder = SampleEncoder(self.processor, self.cfg.data.prompt, self.cfg.model.max_length,
+                                     with_answer=False)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from vlmtune.eval.generate import generate_answers
+
+        metas = [json.loads(m) for m in batch["meta"]]
+        samples, errors, where = [], [""] * len(metas), []
+        for i, (meta, jpg) in enumerate(zip(metas, batch["jpg"], strict=True)):
+            if meta.get("error"):
+                errors[i] = meta["error"]
+                continue
+            try:
+                image = Image.open(io.BytesIO(jpg)).convert("RGB")
+                samples.append(self.encoder({"image": image, "meta": meta, "key": meta["id"]}))
+                where.append(i)
+            except Exception as e:  # one bad image must not lose the batch; it is recorded per row
+                errors[i] = f"{type(e).__name__}: {e}"
+        texts = [""] * len(metas)
+        if samples:
+            answers = generate_answers(self.model, self.processor, samples, self.cfg.eval.max_new_tokens,
+                                       self.device)
+            for i, text in zip(where, answers, strict=True):
+                texts[i] = text
+        return _result_columns(batch, metas, texts, errors, self.cfg)
+
+
+def _result_columns(batch, metas, texts, errors, cfg: Config) -> dict[str, np.ndarray]:
+    out: dict[str, list] = {c: [] for c in COLUMNS}
+    for meta, ref, text, error in zip(metas, batch["image_ref"], texts, errors, strict=True):
+        parsed = parse_answer(text)
+        has_target = all(k in meta for k in ("title", "category", "full_price", "currency"))
+        out["id"].append(str(meta["id"]))
+        out["image"].append(ref)
+        out["target"].append(answer_text(meta, cfg.data.prompt) if has_target else "")
+        out["generated"].append(text)
+        out["title"].append(meta.get("title"))
+        out["category"].append(json.dumps(meta.get("category")) if has_target else None)
+        out["full_price"].append(float(meta["full_price"]) if has_target else None)
+        out["currency"].append(meta.get("currency"))
+        out["pred_title"].append(parsed.title)
+        out["pred_category"].append(parsed.category)
+        out["pred_full_price"].append(parsed.full_price)
+        out["pred_currency"].append(parsed.currency)
+        out["parse_error"].append(parsed.error if not error else None)
+        out["error"].append(error or None)
+    return {k: np.array(v, dtype=object) for k, v in out.items()}
+
+
+SCHEMA = pa.schema([(c, pa.float64() if c in ("full_price", "pred_full_price") else pa.string()) for c in COLUMNS])
+
+
+class PartWriter:
+    """Appends row groups to a Parquet dataset directory as numbered, atomically renamed part files."""
+
+    def __init__(self, directory: str | Path, rows_per_part: int = 256):
+        self.dir = Path(directory)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.rows_per_part = rows_per_part
+        self.pending: list[dict] = []
+        self.next_part = len(list(self.dir.glob("part-*.parquet")))
+
+    def done_ids(self) -> set[str]:
+        parts = sorted(self.dir.glob("part-*.parquet"))
+        return {i for p in parts for i in pq.read_table(p, columns=["id"]).column("id").to_pylist()}
+
+    def add(self, row: dict) -> None:
+        self.pending.append(row)
+        if len(self.pending) >= self.rows_per_part:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        table = pa.Table.from_pylist(self.pending, schema=SCHEMA)
+        final = self.dir / f"part-{self.next_part:05d}.parquet"
+        tmp = final.with_suffix(".parquet.partial")
+        pq.write_table(table, tmp)
+        tmp.rename(final)
+        self.next_part += 1
+        self.pending = []
+
+
+def predict(cfg: Config, model: str, source: str, output: str, split: str = "val",
+            max_samples: int | None = None, rows_per_part: int = 256) -> pd.DataFrame:
+    """Predict every sample of `source` (a shard directory's `split`, or a catalog file) into `output`.
+
+    Returns all predictions in `output` (earlier parts included), sorted by id.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    writer = PartWriter(output, rows_per_part)
+    done = writer.done_ids()
+
+    if (Path(source) / "manifest.json").exists() or "://" in source:
+        shards = split_shards(source, split)
+        ds = ray.data.from_items([{"url": s.url} for s in shards]).flat_map(shard_rows)
+        total = sum(s.count for s in shards)
+    else:
+        from vlmtune.data.catalog import read_catalog
+
+        catalog = cfg.data.catalog.model_copy(update={"source": source})
+        rows = read_catalog(catalog)
+        records = [r for r in rows.records if r["id"] not in done][: max_samples and max_samples - len(done)]
+        if not records:
+            return _read(writer.dir)
+        ds = ray.data.from_items([{"record": json.dumps(r, ensure_ascii=False)} for r in records])
+        ds = ds.map_batches(catalog_rows, fn_kwargs={"images": cfg.data.images},
+                            batch_size=cfg.data.shards.rows_per_task)
+        total = len(rows.records)
+    if done:
+        ds = ds.filter(lambda r: r["id"] not in done)
+    if max_samples:
+        ds = ds.limit(max(0, max_samples - len(done)))
+        total = min(total, max_samples)
+    use_gpu = cfg.cluster.use_gpu
+    ds = ds.map_batches(AnswerGenerator, fn_constructor_kwargs={"model": model, "cfg": cfg.model_dump(mode="json"),
+                                                                "use_gpu": use_gpu},
+                        batch_size=cfg.eval.batch_size, concurrency=cfg.eval.num_actors,
+                        num_gpus=1 if use_gpu else 0, num_cpus=1)
+    with tqdm(total=total, initial=min(len(done), total), desc="predict", unit="sample", mininterval=2) as bar:
+        for row in ds.iter_rows():
+            writer.add({c: row[c] for c in COLUMNS})
+            bar.update()
+    writer.flush()
+    return _read(writer.dir)
+
+
+def _read(directory: Path) -> pd.DataFrame:
+    frame = pd.read_parquet(directory) if any(directory.glob("part-*.parquet")) else pd.DataFrame(columns=COLUMNS)
+    return frame.sort_values("id").reset_index(drop=True)

@@ -1,0 +1,120 @@
+"""The Ray Train driver: config → preflight checks → TorchTrainer.fit() → export.
+
+Ray Train V2 (the default in Ray ≥ 2.51) resumes by itself: calling `fit()` with the same
+`RunConfig(name, storage_path)` picks up the run's latest checkpoint, and `FailureConfig(max_failures)`
+restarts failed workers from it. Everything that can be wrong with the config, the shards or the LoRA
+targets is checked here, before any worker starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from vlmtune.config import Config
+from vlmtune.data.shards import load_manifest, split_shards, verify_shards
+from vlmtune.tracking import local_dir
+from vlmtune.train.export import default_export_dir, export_checkpoint
+from vlmtune.train.loop import train_loop_per_worker
+
+log = logging.getLogger(__name__)
+
+
+class PreflightError(ValueError):
+    """The run cannot work; raised before any Ray Train worker starts."""
+
+
+def preflight(cfg: Config) -> None:
+    shard_dir = cfg.data.shards.dir
+    manifest = load_manifest(shard_dir)
+    train, val = split_shards(shard_dir, "train", manifest), split_shards(shard_dir, "val", manifest)
+    verify_shards(train + val, checksum=False)  # existence and sizes here; checksums in the workers
+    world = cfg.cluster.num_workers
+    if world > len(train):
+        raise PreflightError(
+            f"cluster.num_workers={world} but the train split of {shard_dir} has only {len(train)} shard(s): every "
+            "worker needs at least one shard to read; prepare again with a smaller data.shards.samples_per_shard")
+    val_samples = sum(s.count for s in val)
+    if world > val_samples:
+        raise PreflightError(f"cluster.num_workers={world} but the val split has only {val_samples} samples")
+    if cfg.model.lora.quantize_4bit and not cfg.cluster.use_gpu:
+        raise PreflightError("model.lora.quantize_4bit (QLoRA) needs GPUs: set cluster.use_gpu=true")
+    if cfg.model.lora.enabled:
+        from vlmtune.models.loading import apply_lora, load
+
+        try:
+            skeleton, _ = load(cfg.model.name_or_path, random_init=True, device="meta")
+        except OSError as e:  # no config reachable offline: the workers will report it
+            log.warning("could not check LoRA targets before launch: %s", e)
+            return
+        try:
+            apply_lora(skeleton, cfg.model.lora)
+        except ValueError as e:
+            raise PreflightError(f"model.lora: {e}") from None
+    if cfg.train.bf16 and not cfg.cluster.use_gpu:
+        log.warning("train.bf16 on CPU works but is slow; fp32 is the usual choice without GPUs")
+
+
+def storage_path(cfg: Config) -> str:
+    path = cfg.cluster.storage_path
+    return str(Path(path).resolve()) if local_dir(path) else path
+
+
+def build_trainer(cfg: Config) -> TorchTrainer:
+    cluster = cfg.cluster
+    resources = {"CPU": cluster.cpus_per_worker}
+    if cluster.use_gpu:
+        resources["GPU"] = cluster.gpus_per_worker
+    resolved = cfg.model_copy(deep=True)
+    resolved.cluster.storage_path = storage_path(cfg)
+    if local_dir(resolved.data.shards.dir):
+        resolved.data.shards.dir = str(Path(resolved.data.shards.dir).resolve())
+    if resolved.tracking.dir and local_dir(resolved.tracking.dir):
+        resolved.tracking.dir = str(Path(resolved.tracking.dir).resolve())
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": resolved.model_dump(mode="json"), "resume_from": cluster.resume_from},
+        scaling_config=ray.train.ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=cluster.run_name,
+            storage_path=resolved.cluster.storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cluster.keep_checkpoints,
+                                                         checkpoint_score_attribute="eval_loss",
+                                                         checkpoint_score_order="min"),
+            failure_config=ray.train.FailureConfig(max_failures=cluster.max_failures),
+        ),
+    )
+
+
+def connect() -> None:
+    """Join the cluster in RAY_ADDRESS (ray job submit sets it), else start a local one."""
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None)
+
+
+@ray.remote(num_cpus=1)
+def _export_task(checkpoint: ray.train.Checkpoint, out_dir: str) -> str:
+    with checkpoint.as_directory() as directory:
+        return str(export_checkpoint(directory, out_dir))
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) training; returns where the checkpoint, export and tracking files are."""
+    preflight(cfg)
+    connect()
+    result = build_trainer(cfg).fit()
+    if result.error:
+        raise result.error
+    outputs = {"run": f"{storage_path(cfg)}/{cfg.cluster.run_name}", "checkpoint": result.checkpoint.path,
+               "metrics": result.metrics}
+    if cfg.export.enabled:
+        out = default_export_dir(cfg)
+        out = str(Path(out).resolve()) if local_dir(out) else out
+        outputs["export"] = ray.get(_export_task.remote(result.checkpoint, out))
+    return outputs

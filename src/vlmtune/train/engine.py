@@ -1,0 +1,76 @@
+"""DeepSpeed engine from our config, on the process group Ray Train already created.
+
+The optimizer is PyTorch's AdamW (fused on CUDA) handed to DeepSpeed rather than named in the DeepSpeed
+config: that avoids compiling DeepSpeed's FusedAdam/CPUAdam ops at start-up and keeps one optimizer
+implementation on CPU and GPU. ZeRO-Offload is the exception, it needs DeepSpeed's CPU Adam.
+"""
+
+from __future__ import annotations
+
+import math
+
+import deepspeed
+import torch
+
+from vlmtune.config import TrainConfig
+
+
+def deepspeed_config(train: TrainConfig, world_size: int, on_gpu: bool) -> dict:
+    zero: dict = {"stage": train.zero_stage}
+    if train.zero_stage > 0:
+        zero.update(contiguous_gradients=True, overlap_comm=on_gpu, reduce_bucket_size=5e8,
+                    allgather_bucket_size=5e8)
+    if train.zero_stage == 3:
+        zero.update(stage3_gather_16bit_weights_on_model_save=False, stage3_prefetch_bucket_size=5e7,
+                    stage3_param_persistence_threshold=1e5)
+    if train.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
+    config = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum_steps,
+        "train_batch_size": train.micro_batch_size * train.grad_accum_steps * world_size,
+        "gradient_clipping": train.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": train.bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if train.offload_optimizer:
+        config["optimizer"] = {"type": "AdamW", "params": {
+            "lr": train.lr, "betas": list(train.betas), "eps": train.eps, "weight_decay": train.weight_decay}}
+    return config
+
+
+def lr_lambda(train: TrainConfig):
+    """Linear warmup to 1, then cosine down to `min_lr_ratio` at `max_steps`."""
+
+    def factor(step: int) -> float:
+        if step < train.warmup_steps:
+            return (step + 1) / (train.warmup_steps + 1)
+        progress = min(1.0, (step - train.warmup_steps) / max(1, train.max_steps - train.warmup_steps))
+        return train.min_lr_ratio + (1 - train.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only; norms, biases and the learnable separators are not decayed."""
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 and weight_decay > 0 else no_decay).append(param)
+    return [g for g in ({"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0})
+            if g["params"]]
+
+
+def build_engine(model: torch.nn.Module, train: TrainConfig, world_size: int, on_gpu: bool):
+    """`deepspeed.initialize` with our optimizer and schedule; the engine steps the schedule itself."""
+    groups = parameter_groups(model, train.weight_decay)
+    optimizer = None
+    if not train.offload_optimizer:
+        optimizer = torch.optim.AdamW(groups, lr=train.lr, betas=train.betas, eps=train.eps, fused=on_gpu)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train)),
+        config=deepspeed_config(train, world_size, on_gpu))
+    return engine

@@ -1,0 +1,116 @@
+"""Throughput, model FLOPs utilisation and memory of a training step.
+
+FLOPs follow the usual matmul accounting (2 FLOPs per parameter per token forward, plus causal
+attention). The backward pass costs 2× the forward when weights get gradients and 1× when only
+activations do (frozen weights under LoRA: adapters are negligible). The vision tower runs on every
+real crop (global view + hc·wc tiles) and gets a backward pass only if something in it trains.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets; matched on the device name.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0,
+                    "A6000": 155.0, "V100": 125.0}
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_BF16_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+@dataclass(frozen=True)
+class FlopCounter:
+    text_params: int  # decoder + lm_head matmul weights (embedding lookups are free)
+    text_layers: int
+    text_hidden: int
+    vision_params: int
+    vision_tokens: int  # tokens per crop, CLS included
+    vision_layers: int
+    vision_hidden: int
+    text_weights_train: bool
+    vision_backward: bool
+    tile: int
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module) -> FlopCounter:
+        """Read sizes and what trains from a (possibly PEFT-wrapped) Phi3VForCausalLM."""
+        config = model.config
+        vcfg = config.vision_config
+        text_params = vision_params = 0
+        text_weights_train = vision_backward = False
+        for name, p in model.named_parameters():
+            is_vision = "img_processor" in name
+            if is_vision:
+                vision_params += p.numel() if p.ndim >= 2 and "lora_" not in name else 0
+                vision_backward |= p.requires_grad
+            elif p.ndim >= 2 and "embed_tokens" not in name and "lora_" not in name and "vision_embed" not in name:
+                text_params += p.numel()
+                text_weights_train |= p.requires_grad
+        return cls(text_params, config.num_hidden_layers, config.hidden_size, vision_params,
+                   (vcfg.image_size // vcfg.patch_size) ** 2 + 1, vcfg.num_hidden_layers, vcfg.hidden_size,
+                   text_weights_train, vision_backward, vcfg.image_size)
+
+    def step_flops(self, attention_mask: torch.Tensor, image_sizes: torch.Tensor) -> float:
+        lengths = attention_mask.sum(dim=1).double()
+        tokens = float(lengths.sum())
+        attention = float((2 * self.text_layers * self.text_hidden * lengths**2).sum())  # causal: QK^T + AV, halved
+        text_fwd = 2 * self.text_params * tokens + attention
+        crops = float(((image_sizes[:, 0] // self.tile) * (image_sizes[:, 1] // self.tile) + 1).sum())
+        vis_tokens = crops * self.vision_tokens
+        vis_fwd = 2 * self.vision_params * vis_tokens + 4 * self.vision_layers * self.vision_hidden * crops * (
+            self.vision_tokens**2)
+        return text_fwd * (3 if self.text_weights_train else 2) + vis_fwd * (3 if self.vision_backward else 1)
+
+
+class Throughput:
+    """Accumulates samples, tokens and FLOPs between two `snapshot()` calls."""
+
+    def __init__(self, device: torch.device, world_size: int):
+        self.device = device
+        self.world_size = world_size
+        self.peak = peak_flops(device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.start = time.perf_counter()
+        self.samples = self.tokens = 0
+        self.flops = 0.0
+
+    def add(self, samples: int, tokens: int, flops: float) -> None:
+        self.samples += samples
+        self.tokens += tokens
+        self.flops += flops
+
+    def snapshot(self) -> dict:
+        """Per-worker rates since the last snapshot (× world size for cluster totals)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = max(time.perf_counter() - self.start, 1e-9)
+        stats = {"samples_per_s": self.samples * self.world_size / seconds,
+                 "tokens_per_s": self.tokens * self.world_size / seconds,
+                 "tflops_per_worker": self.flops / seconds / 1e12}
+        if self.peak:
+            stats["mfu"] = self.flops / seconds / self.peak
+        stats.update(memory_stats(self.device))
+        self.reset()
+        return stats
+
+
+def memory_stats(device: torch.device) -> dict:
+    if device.type == "cuda":
+        return {"gpu_mem_alloc_gb": torch.cuda.max_memory_allocated(device) / 2**30,
+                "gpu_mem_reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"cpu_max_rss_gb": rss / (2**30 if sys.platform == "darwin" else 2**20)}

@@ -1,0 +1,69 @@
+"""Prompt/answer encoding with label masking, and batching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+
+from vlmtune.config import PromptConfig
+from vlmtune.data.collate import IGNORE_INDEX, SampleEncoder, collate
+from vlmtune.data.shards import SampleSkipped
+from vlmtune.models.loading import load
+
+META = {"id": "7", "title": "Honey Check Leather Tote", "category": ["Women", "Bags", "Tote Bags"],
+        "full_price": 2650.0, "price": 2650.0, "currency": "USD"}
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return load("tiny-phi3v")[1]
+
+
+def sample(size=(120, 90)):
+    return {"key": "k7", "image": Image.new("RGB", size, (200, 150, 60)), "meta": META}
+
+
+def test_loss_only_on_the_answer(processor):
+    out = SampleEncoder(processor, PromptConfig(), max_length=512)(sample())
+    ids, labels = out["input_ids"], out["labels"]
+    answered = labels != IGNORE_INDEX
+    first = int(answered.nonzero()[0])
+    assert not answered[:first].any() and answered[first:].all()
+    tok = processor.tokenizer
+    assert tok.decode(ids[first:]) == out["target"] + "<|end|>\n<|endoftext|>"
+    assert torch.equal(labels[first:], ids[first:])
+    prompt = tok.decode(ids[:first])
+    assert prompt.startswith("<s><|user|>\n")
+    assert prompt.endswith("What is shown in this image?<|end|>\n<|assistant|>\n")
+    assert (ids[:first] == processor.image_token_id).sum() > 0
+    assert out["pixel_values"].shape[:2] == (1, 5) and out["image_sizes"].shape == (1, 2)
+
+
+def test_generation_prompt_has_no_answer(processor):
+    out = SampleEncoder(processor, PromptConfig(), max_length=512, with_answer=False)(sample())
+    assert "labels" not in out
+    assert processor.tokenizer.decode(out["input_ids"]).endswith("<|assistant|>\n")
+
+
+def test_too_long_samples_are_skipped(processor):
+    with pytest.raises(SampleSkipped, match=r"tokens > model\.max_length=40"):
+        SampleEncoder(processor, PromptConfig(), max_length=40)(sample())
+
+
+def test_collate_pads_and_masks_by_length(processor):
+    encoder = SampleEncoder(processor, PromptConfig(), max_length=512)
+    a, b = encoder(sample((120, 90))), encoder(sample((60, 200)))
+    a["input_ids"], a["labels"] = a["input_ids"][:-5], a["labels"][:-5]  # make lengths differ
+    pad = processor.tokenizer.pad_token_id
+    right = collate([a, b], pad)
+    n = len(a["input_ids"])
+    assert right["input_ids"].shape[1] == len(b["input_ids"]) > n
+    assert right["attention_mask"][0].tolist() == [1] * n + [0] * (right["input_ids"].shape[1] - n)
+    assert (right["labels"][0, n:] == IGNORE_INDEX).all() and (right["input_ids"][0, n:] == pad).all()
+    # the real end-of-text token (== pad id) at the end of b stays visible
+    assert right["input_ids"][1, -1] == pad and right["attention_mask"][1, -1] == 1
+    assert right["pixel_values"].shape[0] == 2 and right["image_sizes"].tolist()[1] != right["image_sizes"].tolist()[0]
+    left = collate([a, b], pad, padding_side="left")
+    assert left["attention_mask"][0, : left["input_ids"].shape[1] - n].sum() == 0
+    assert torch.equal(left["input_ids"][0, -n:], a["input_ids"])

@@ -1,0 +1,187 @@
+"""The training job for real: Ray Train with 2 CPU workers, DeepSpeed on gloo, tiny Phi-3-V, real shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.wandb_records import history, run_id
+from vlmtune.config import load_config
+from vlmtune.launch.ray import train
+from vlmtune.models.loading import load
+from vlmtune.tracking import read_metrics
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def shards(sample_shards):
+    return sample_shards
+
+
+def config(shards: str, tmp_path: Path, name: str, *overrides: str):
+    return load_config(REPO / "configs/demo-cpu.yaml", [
+        f"data.shards.dir={shards}", f"cluster.storage_path={tmp_path / 'runs'}", f"cluster.run_name={name}",
+        "data.loader.num_workers=0", "train.micro_batch_size=4", "train.log_every=1", "train.eval_every=0",
+        "train.eval_batches=1", "train.table_samples=2", "train.warmup_steps=2", "eval.max_new_tokens=12",
+        "cluster.max_failures=0", *overrides])
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """step → loss, the last record of a step winning (a restarted run logs some steps twice)."""
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if "loss" in r}
+
+
+def wandb_file(run_dir: Path) -> Path:
+    files = list(run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(files) == 1, files
+    return files[0]
+
+
+def answer(model_dir: str, shards: str) -> str:
+    from vlmtune.config import PromptConfig
+    from vlmtune.data.collate import SampleEncoder
+    from vlmtune.data.shards import ShardStream, split_shards
+    from vlmtune.eval.generate import generate_answers
+
+    model, processor = load(model_dir)
+    encoder = SampleEncoder(processor, PromptConfig(), 512, with_answer=False)
+    sample = next(iter(ShardStream(split_shards(shards, "val"), shuffle=False, transform=encoder)))
+    return generate_answers(model, processor, [sample], 24, torch.device("cpu"))[0]
+
+
+@pytest.mark.parametrize(("zero", "lora", "bf16"), [(2, False, False), (3, True, True)],
+                         ids=["zero2-full-fp32", "zero3-lora-bf16"])
+def test_loss_decreases_and_the_export_reloads_and_generates(shards, tmp_path, zero, lora, bf16):
+    name = f"learn-z{zero}"
+    cfg = config(shards, tmp_path, name, f"train.zero_stage={zero}", f"model.lora.enabled={lora}",
+                 f"train.bf16={bf16}", "train.max_steps=24", "train.checkpoint_every=12",
+                 "train.lr=3e-3" if not lora else "train.lr=2e-2", "model.lora.r=8",
+                 "model.lora.targets=[language_attention, language_mlp, projector]")
+    outputs = train(cfg)
+    run = tmp_path / "runs" / name
+    loss = losses(run)
+    assert sorted(loss) == list(range(1, 25))
+    first, last = sum(loss[s] for s in (1, 2, 3)) / 3, sum(loss[s] for s in (22, 23, 24)) / 3
+    assert last < 0.6 * first, loss
+    assert outputs["checkpoint"].endswith("checkpoint-0000024")
+    assert json.loads((Path(outputs["checkpoint"]) / "trainer_state.json").read_text())["step"] == 24
+
+    export = Path(outputs["export"])
+    assert json.loads((export / "vlmtune_export.json").read_text())["merged"] is lora
+    assert not (export / "adapter_config.json").exists()
+    model, _ = load(export)
+    base, _ = load("tiny-phi3v")
+    changed = [k for k, v in base.state_dict().items() if not torch.equal(v, model.state_dict()[k])]
+    assert any("layers.0.self_attn.qkv_proj" in k for k in changed)
+    assert isinstance(answer(str(export), shards), str)
+
+    from transformers import AutoModelForCausalLM
+
+    import vlmtune.models.phi3v  # noqa: F401  registers phi3_v with the Auto classes
+
+    auto = AutoModelForCausalLM.from_pretrained(export)
+    assert type(auto).__name__ == "Phi3VForCausalLM"
+
+    # W&B offline: the logged metrics and the eval table are in the run file; same run id as the checkpoint.
+    rows = history(wandb_file(run))
+    logged = {r["_step"]: r for r in rows}
+    assert all(logged[s]["loss"] == pytest.approx(loss[s]) for s in range(1, 25))
+    assert logged[24]["eval/samples"]["_type"] == "table-file" and logged[24]["eval/samples"]["nrows"] == 2
+    assert "eval_loss" in logged[0]
+    state = json.loads((Path(outputs["checkpoint"]) / "trainer_state.json").read_text())
+    assert state["wandb_run_id"] == run_id(wandb_file(run))
+
+
+def test_adapter_only_export(shards, tmp_path):
+    cfg = config(shards, tmp_path, "adapter", "train.zero_stage=2", "model.lora.enabled=true", "train.max_steps=2",
+                 "train.checkpoint_every=2", "export.enabled=false")
+    outputs = train(cfg)
+    out = tmp_path / "adapter-export"
+    done = subprocess.run([sys.executable, str(REPO / "jobs/export.py"), outputs["checkpoint"], str(out),
+                           "--adapter-only"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (out / "adapter_config.json").exists() and not (out / "model.safetensors").exists()
+    model, _ = load(out)
+    assert type(model).__name__ == "PeftModelForCausalLM"
+    assert isinstance(answer(str(out), shards), str)
+
+
+def test_resume_from_a_checkpoint_matches_the_uninterrupted_run(shards, tmp_path):
+    common = ["train.zero_stage=2", "model.lora.enabled=true", "model.lora.dropout=0.1", "train.max_steps=8",
+              "train.checkpoint_every=4", "export.enabled=false", "train.lr=1e-2"]
+    straight = train(config(shards, tmp_path, "straight", *common))
+    checkpoint_4 = Path(straight["checkpoint"]).parent / "checkpoint-0000004"
+    assert checkpoint_4.is_dir()
+    train(config(shards, tmp_path, "resumed", *common, f"cluster.resume_from={checkpoint_4}"))
+    full = losses(tmp_path / "runs" / "straight")
+    resumed = losses(tmp_path / "runs" / "resumed")
+    assert sorted(resumed) == [5, 6, 7, 8]  # continued at the saved step
+    for step in resumed:
+        assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), step
+
+
+def _train_worker_pids() -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if b"RayTrainWorker" in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def test_killed_worker_restarts_from_the_last_checkpoint(shards, tmp_path):
+    cfg = config(shards, tmp_path, "fault", "train.zero_stage=2", "train.max_steps=24", "train.checkpoint_every=4",
+                 "cluster.max_failures=1", "export.enabled=false", "model.lora.enabled=true")
+    run = tmp_path / "runs" / "fault"
+    killed: list[int] = []
+
+    def kill_a_worker_after_a_checkpoint() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (run / "checkpoint-0000008").exists():
+            time.sleep(0.2)
+        pids = _train_worker_pids()
+        if pids:
+            os.kill(pids[-1], signal.SIGKILL)
+            killed.append(pids[-1])
+
+    killer = threading.Thread(target=kill_a_worker_after_a_checkpoint, daemon=True)
+    killer.start()
+    outputs = train(cfg)
+    killer.join(timeout=5)
+    assert killed, "no training worker was found to kill"
+    assert json.loads((Path(outputs["checkpoint"]) / "trainer_state.json").read_text())["step"] == 24
+    steps = [r["step"] for r in read_metrics(run) if "loss" in r]
+    assert steps.count(1) == 1, "the restart began from scratch instead of a checkpoint"
+    assert len(steps) > len(set(steps)), "no step was run twice: the worker was not restarted"
+    assert max(steps) == 24
+
+
+def test_ray_job_submit_to_a_running_cluster(shards, tmp_path):
+    from tests.train.ray_cluster import RayHead
+
+    with RayHead(tmp_path) as head:
+        storage = tmp_path / "runs"
+        cmd = ["ray", "job", "submit", "--address", head.dashboard, "--working-dir", str(REPO), "--",
+               "python", "jobs/train.py", "--config", "configs/demo-cpu.yaml", f"data.shards.dir={shards}",
+               f"cluster.storage_path={storage}", "cluster.run_name=submitted", "train.max_steps=4",
+               "train.checkpoint_every=4", "train.eval_batches=1", "train.table_samples=1", "eval.max_new_tokens=8",
+               "data.loader.num_workers=0"]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=head.env, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        assert "SUCCEEDED" in done.stdout + done.stderr
+    assert (storage / "submitted" / "checkpoint-0000004" / "trainer_state.json").exists()
+    assert (storage / "submitted" / "export" / "model.safetensors").exists()
