@@ -39,7 +39,7 @@ def bare_loop(cfg, args) -> dict:
     model, processor = load(args.model, dtype=dtype, random_init=args.random_init, device=args.device,
                             num_crops=cfg.model.num_crops, attn_implementation=cfg.model.attn_implementation)
     if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(model, cfg.model.lora) if args.lora else apply_freeze(model, cfg.model.freeze)
     model.to(device).train()
     encoder = SampleEncoder(processor, cfg.data.prompt, cfg.model.max_length)

@@ -17,7 +17,7 @@ from vlmtune.config import ConfigError, load_config
 from vlmtune.data.catalog import CatalogError
 from vlmtune.data.shards import ShardError
 from vlmtune.eval.predict import predict
-from vlmtune.jobs_common import setup_logging
+from vlmtune.jobs_common import announce_config, setup_logging
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     try:
         cfg = load_config(args.config, args.overrides)
+        announce_config(cfg, args.output, "_predict")  # "_" files are skipped by Parquet dataset readers
         frame = predict(cfg, args.model, args.input, args.output, split=args.split, max_samples=args.max_samples,
                         rows_per_part=args.rows_per_part)
     except (ConfigError, ShardError, CatalogError) as e:

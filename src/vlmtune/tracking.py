@@ -15,10 +15,6 @@ from pathlib import Path
 from vlmtune.config import TrackingConfig
 
 
-def local_dir(path: str) -> bool:
-    return "://" not in path or path.startswith("file://")
-
-
 class Tracker:
     def __init__(self, cfg: TrackingConfig, directory: str, run_name: str, config: dict, run_id: str | None = None,
                  active: bool = True):

@@ -44,7 +44,7 @@ def _worker(rank: int, port: int, results: dict) -> None:
     reference, _ = load("tiny-phi3v")
     for m in (model, reference):
         apply_freeze(m, FreezeConfig(vision_tower=True))
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         m.train()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ZERO3)

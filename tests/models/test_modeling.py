@@ -246,7 +246,7 @@ def _count_forward(module: nn.Module) -> list[int]:
 def test_gradient_checkpointing_gives_same_loss_and_grads(make_image):
     plain, processor = load("tiny-phi3v")
     checkpointed, _ = load("tiny-phi3v")
-    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     batch = processor(PROMPT + "A coat<|end|>", [make_image(100, 150)])
     labels = batch["input_ids"].masked_fill(batch["input_ids"] == processor.image_token_id, -100)
     text_mlp = checkpointed.model.layers[0].mlp

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -67,7 +68,8 @@ def test_loss_decreases_and_the_export_reloads_and_generates(shards, tmp_path, z
     cfg = config(shards, tmp_path, name, f"train.zero_stage={zero}", f"model.lora.enabled={lora}",
                  f"train.bf16={bf16}", "train.max_steps=24", "train.checkpoint_every=12",
                  "train.lr=3e-3" if not lora else "train.lr=2e-2", "model.lora.r=8",
-                 "model.lora.targets=[language_attention, language_mlp, projector]")
+                 # on a random-init base, adapting lm_head is what moves the loss within a few steps
+                 "model.lora.targets=[language_attention, language_mlp, projector, lm_head]")
     outputs = train(cfg)
     run = tmp_path / "runs" / name
     loss = losses(run)
@@ -97,7 +99,7 @@ def test_loss_decreases_and_the_export_reloads_and_generates(shards, tmp_path, z
     rows = history(wandb_file(run))
     logged = {r["_step"]: r for r in rows}
     assert all(logged[s]["loss"] == pytest.approx(loss[s]) for s in range(1, 25))
-    assert logged[24]["eval/samples"]["_type"] == "table-file" and logged[24]["eval/samples"]["nrows"] == 2
+    assert logged[24]["eval/samples/_type"] == "table-file" and logged[24]["eval/samples/nrows"] == 2
     assert "eval_loss" in logged[0]
     state = json.loads((Path(outputs["checkpoint"]) / "trainer_state.json").read_text())
     assert state["wandb_run_id"] == run_id(wandb_file(run))
@@ -144,15 +146,17 @@ def _train_worker_pids() -> list[int]:
 
 
 def test_killed_worker_restarts_from_the_last_checkpoint(shards, tmp_path):
-    cfg = config(shards, tmp_path, "fault", "train.zero_stage=2", "train.max_steps=24", "train.checkpoint_every=4",
+    cfg = config(shards, tmp_path, "fault", "train.zero_stage=2", "train.max_steps=40", "train.checkpoint_every=4",
                  "cluster.max_failures=1", "export.enabled=false", "model.lora.enabled=true")
     run = tmp_path / "runs" / "fault"
     killed: list[int] = []
 
     def kill_a_worker_after_a_checkpoint() -> None:
+        # A checkpoint counts once the controller has registered it (its snapshot lists it).
+        snapshot = run / "checkpoint_manager_snapshot.json"
         deadline = time.time() + 300
-        while time.time() < deadline and not (run / "checkpoint-0000008").exists():
-            time.sleep(0.2)
+        while time.time() < deadline and not (snapshot.exists() and "checkpoint-" in snapshot.read_text()):
+            time.sleep(0.1)
         pids = _train_worker_pids()
         if pids:
             os.kill(pids[-1], signal.SIGKILL)
@@ -163,11 +167,11 @@ def test_killed_worker_restarts_from_the_last_checkpoint(shards, tmp_path):
     outputs = train(cfg)
     killer.join(timeout=5)
     assert killed, "no training worker was found to kill"
-    assert json.loads((Path(outputs["checkpoint"]) / "trainer_state.json").read_text())["step"] == 24
+    assert json.loads((Path(outputs["checkpoint"]) / "trainer_state.json").read_text())["step"] == 40
     steps = [r["step"] for r in read_metrics(run) if "loss" in r]
     assert steps.count(1) == 1, "the restart began from scratch instead of a checkpoint"
     assert len(steps) > len(set(steps)), "no step was run twice: the worker was not restarted"
-    assert max(steps) == 24
+    assert sorted(set(steps)) == list(range(1, 41))
 
 
 def test_ray_job_submit_to_a_running_cluster(shards, tmp_path):
@@ -175,13 +179,13 @@ def test_ray_job_submit_to_a_running_cluster(shards, tmp_path):
 
     with RayHead(tmp_path) as head:
         storage = tmp_path / "runs"
-        cmd = ["ray", "job", "submit", "--address", head.dashboard, "--working-dir", str(REPO), "--",
-               "python", "jobs/train.py", "--config", "configs/demo-cpu.yaml", f"data.shards.dir={shards}",
-               f"cluster.storage_path={storage}", "cluster.run_name=submitted", "train.max_steps=4",
-               "train.checkpoint_every=4", "train.eval_batches=1", "train.table_samples=1", "eval.max_new_tokens=8",
-               "data.loader.num_workers=0"]
-        done = subprocess.run(cmd, capture_output=True, text=True, env=head.env, timeout=600)
+        # the entrypoint runs with the head's PATH: name this interpreter, which has vlmtune installed
+        done = head.submit(["--working-dir", str(REPO), "--", sys.executable, "jobs/train.py", "--config",
+                            "configs/demo-cpu.yaml", f"data.shards.dir={shards}", f"cluster.storage_path={storage}",
+                            "cluster.run_name=submitted", "train.max_steps=4", "train.checkpoint_every=4",
+                            "train.eval_batches=1", "train.table_samples=1", "eval.max_new_tokens=8",
+                            "data.loader.num_workers=0"])
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        assert "SUCCEEDED" in done.stdout + done.stderr
+        assert re.search(r"Job '\S+' succeeded", done.stdout + done.stderr)
     assert (storage / "submitted" / "checkpoint-0000004" / "trainer_state.json").exists()
     assert (storage / "submitted" / "export" / "model.safetensors").exists()

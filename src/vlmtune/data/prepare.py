@@ -26,6 +26,7 @@ from vlmtune.data.shards import (
     SCHEMA_VERSION,
     SPLITS,
     SplitWriter,
+    local_path,
     order_key,
     read_journal,
     split_of,
@@ -57,12 +58,14 @@ def fetch_batch(batch: dict[str, np.ndarray], images: ImageConfig) -> dict[str, 
 
 
 def sample_catalog_source(cfg: DataConfig) -> str:
-    """For `source: sample`, draw the synthetic catalog next to the shards (once; it is seeded)."""
+    """For `source: sample`, draw the synthetic catalog (once; it is seeded) next to local shards, or in the
+    user's cache when the shards go to remote storage (the images are read locally by the fetch tasks)."""
+    n, seed = cfg.catalog.sample_size, cfg.catalog.sample_seed
     base = cfg.shards.dir.rstrip("/")
-    local = Path(base + "-catalog") if "://" in base else Path(base) / "_catalog"
+    local = Path(base) / "_catalog" if local_path(base) else Path.home() / ".cache/vlmtune" / f"sample-{n}-{seed}"
     csv_path = local / "catalog.csv"
     stamp = local / "generated.json"
-    wanted = {"n": cfg.catalog.sample_size, "seed": cfg.catalog.sample_seed}
+    wanted = {"n": n, "seed": seed}
     if not (csv_path.is_file() and stamp.is_file() and json.loads(stamp.read_text()) == wanted):
         generate_sample_catalog(local, cfg.catalog.sample_size, cfg.catalog.sample_seed)
         stamp.write_text(json.dumps(wanted))
@@ -90,7 +93,7 @@ def _fetch_in_order(records: list[dict], cfg: DataConfig):
     ctx.enable_progress_bars = False
     ds = ray.data.from_items([{"record": json.dumps(r, ensure_ascii=False)} for r in records])
     ds = ds.map_batches(fetch_batch, batch_size=cfg.shards.rows_per_task, fn_kwargs={"images": cfg.images},
-                        concurrency=cfg.shards.max_concurrent_tasks, num_cpus=1)
+                        compute=ray.data.TaskPoolStrategy(size=cfg.shards.max_concurrent_tasks), num_cpus=1)
     for row in ds.iter_rows():
         yield json.loads(row["record"]), row["jpeg"], row["error"]
 

@@ -53,6 +53,10 @@ class SampleSkipped(Exception):
 # ------------------------------------------------------------------------------------------ writing
 
 
+def local_path(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with fsspec.open(str(path), "rb") as fh:

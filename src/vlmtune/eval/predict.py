@@ -147,7 +147,7 @@ class PartWriter:
             return
         table = pa.Table.from_pylist(self.pending, schema=SCHEMA)
         final = self.dir / f"part-{self.next_part:05d}.parquet"
-        tmp = final.with_suffix(".parquet.partial")
+        tmp = self.dir / f"_{final.name}.partial"  # "_" files are skipped by Parquet dataset readers
         pq.write_table(table, tmp)
         tmp.rename(final)
         self.next_part += 1
@@ -193,7 +193,7 @@ def predict(cfg: Config, model: str, source: str, output: str, split: str = "val
     use_gpu = cfg.cluster.use_gpu
     ds = ds.map_batches(AnswerGenerator, fn_constructor_kwargs={"model": model, "cfg": cfg.model_dump(mode="json"),
                                                                 "use_gpu": use_gpu},
-                        batch_size=cfg.eval.batch_size, concurrency=cfg.eval.num_actors,
+                        batch_size=cfg.eval.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.eval.num_actors),
                         num_gpus=1 if use_gpu else 0, num_cpus=1)
     with tqdm(total=total, initial=min(len(done), total), desc="predict", unit="sample", mininterval=2) as bar:
         for row in ds.iter_rows():

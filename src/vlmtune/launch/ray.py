@@ -17,8 +17,7 @@ import ray.train
 from ray.train.torch import TorchTrainer
 
 from vlmtune.config import Config
-from vlmtune.data.shards import load_manifest, split_shards, verify_shards
-from vlmtune.tracking import local_dir
+from vlmtune.data.shards import load_manifest, local_path, split_shards, verify_shards
 from vlmtune.train.export import default_export_dir, export_checkpoint
 from vlmtune.train.loop import train_loop_per_worker
 
@@ -62,7 +61,7 @@ def preflight(cfg: Config) -> None:
 
 def storage_path(cfg: Config) -> str:
     path = cfg.cluster.storage_path
-    return str(Path(path).resolve()) if local_dir(path) else path
+    return str(Path(path).resolve()) if local_path(path) else path
 
 
 def build_trainer(cfg: Config) -> TorchTrainer:
@@ -72,9 +71,9 @@ def build_trainer(cfg: Config) -> TorchTrainer:
         resources["GPU"] = cluster.gpus_per_worker
     resolved = cfg.model_copy(deep=True)
     resolved.cluster.storage_path = storage_path(cfg)
-    if local_dir(resolved.data.shards.dir):
+    if local_path(resolved.data.shards.dir):
         resolved.data.shards.dir = str(Path(resolved.data.shards.dir).resolve())
-    if resolved.tracking.dir and local_dir(resolved.tracking.dir):
+    if resolved.tracking.dir and local_path(resolved.tracking.dir):
         resolved.tracking.dir = str(Path(resolved.tracking.dir).resolve())
     return TorchTrainer(
         train_loop_per_worker,
@@ -115,6 +114,6 @@ def train(cfg: Config) -> dict:
                "metrics": result.metrics}
     if cfg.export.enabled:
         out = default_export_dir(cfg)
-        out = str(Path(out).resolve()) if local_dir(out) else out
+        out = str(Path(out).resolve()) if local_path(out) else out
         outputs["export"] = ray.get(_export_task.remote(result.checkpoint, out))
     return outputs

@@ -34,6 +34,7 @@ class TrainerState:
     step: int = 0
     position: tuple[int, int] = (0, 0)  # (epoch, index) where this rank's train stream resumes
     wandb_run_id: str | None = None
+    rng: dict | None = None  # restored by the loop right before training resumes (see restore)
 
 
 def rng_state() -> dict:
@@ -65,7 +66,11 @@ def save_and_report(engine, cfg: Config, state: TrainerState, metrics: dict, ran
 
 
 def restore(engine, checkpoint: ray.train.Checkpoint, rank: int, world_size: int) -> TrainerState:
-    """Load engine, data position and RNG states of this rank; the world size must not have changed."""
+    """Load the engine and this rank's data position and RNG states; the world size must not have changed.
+
+    The RNG states are returned, not applied: building the data pipeline draws from the global RNG (a
+    DataLoader iterator takes a seed), so the loop applies them right before the first resumed step.
+    """
     with checkpoint.as_directory() as directory:
         directory = Path(directory)
         saved = json.loads((directory / "trainer_state.json").read_text())
@@ -76,5 +81,5 @@ def restore(engine, checkpoint: ray.train.Checkpoint, rank: int, world_size: int
                 f"cluster.num_workers={saved['world_size']}")
         engine.load_checkpoint(str(directory), tag=TAG, load_module_strict=False)
         worker = torch.load(directory / f"worker-{rank}.pt", weights_only=False)
-    set_rng_state(worker["rng"])
-    return TrainerState(step=saved["step"], position=tuple(worker["position"]), wandb_run_id=saved["wandb_run_id"])
+    return TrainerState(step=saved["step"], position=tuple(worker["position"]), wandb_run_id=saved["wandb_run_id"],
+                        rng=worker["rng"])

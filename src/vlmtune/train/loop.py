@@ -22,12 +22,12 @@ import torch.distributed as dist
 
 from vlmtune.config import Config
 from vlmtune.data.collate import IGNORE_INDEX, SampleEncoder, collate
-from vlmtune.data.shards import ShardStream, next_position, split_shards, verify_shards
+from vlmtune.data.shards import ShardStream, local_path, next_position, split_shards, verify_shards
 from vlmtune.eval.generate import generate_answers
 from vlmtune.eval.metrics import score
 from vlmtune.models.loading import apply_freeze, apply_lora, load, trainable_parameter_summary
-from vlmtune.tracking import Tracker, local_dir
-from vlmtune.train.checkpoint import TrainerState, restore, save_and_report
+from vlmtune.tracking import Tracker
+from vlmtune.train.checkpoint import TrainerState, restore, save_and_report, set_rng_state
 from vlmtune.train.engine import build_engine
 from vlmtune.train.metrics import FlopCounter, Throughput
 
@@ -79,7 +79,7 @@ def prepare_model(cfg: Config, dtype: torch.dtype):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.model.gradient_checkpointing,
                                                 gradient_checkpointing_kwargs={"use_reentrant": False})
     elif cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(model, cfg.model.lora) if cfg.model.lora.enabled else apply_freeze(model, cfg.model.freeze)
     return model, processor
 
@@ -125,7 +125,7 @@ def tracking_dir(cfg: Config) -> str:
     if cfg.tracking.dir:
         return cfg.tracking.dir
     run = f"{cfg.cluster.storage_path.rstrip('/')}/{cfg.cluster.run_name}"
-    return run if local_dir(run) else os.path.join("outputs", "tracking", cfg.cluster.run_name)
+    return run if local_path(run) else os.path.join("outputs", "tracking", cfg.cluster.run_name)
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
@@ -187,8 +187,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         tracker.log(metrics, state.step)
         return metrics
 
-    # The loop. A fresh run is evaluated once before training, as the baseline of every curve.
+    # The loop. A fresh run is evaluated once before training, as the baseline of every curve; a resumed
+    # one continues with the RNG streams of the moment it was saved.
     last_eval = run_eval() if state.step == 0 else {}
+    if state.rng is not None:
+        set_rng_state(state.rng)
     throughput = Throughput(device, world)
     losses: list[float] = []
     engine.train()

@@ -77,7 +77,11 @@ class Phi3VConfig(Phi3Config):
         usable = wish != "flash_attention_2" or is_flash_attn_2_available()
         if wish is not None and usable and kwargs.get("attn_implementation") is None:
             kwargs["attn_implementation"] = wish
+        # The official files (and ours, for them) say `torch_dtype`; transformers 5 warns on that name.
+        legacy_dtype = kwargs.pop("torch_dtype", None)
         super().__post_init__(**kwargs)
+        if legacy_dtype is not None and self.dtype is None:
+            self.dtype = legacy_dtype
         if self.embd_layer is None:
             self.embd_layer = dict(OFFICIAL_EMBD_LAYER)
         if self.img_processor is None:
@@ -103,7 +107,12 @@ class Phi3VConfig(Phi3Config):
                 raise ValueError(f"rope_scaling type {rope_type!r} is not supported; expected 'su' (LongRoPE)")
             rope_scaling["rope_type"] = "longrope" if rope_type == "su" else rope_type
             kwargs["rope_scaling"] = rope_scaling
-        return super().convert_rope_params_to_dict(**kwargs)
+        kwargs = super().convert_rope_params_to_dict(**kwargs)
+        rope = self.rope_parameters
+        if rope.get("rope_type") == "longrope" and rope.get("factor") is None:
+            # The value transformers derives anyway from the two lengths; stating it avoids its warning.
+            rope["factor"] = self.max_position_embeddings / rope["original_max_position_embeddings"]
+        return kwargs
 
     def validate_image_path(self) -> None:
         """Reject layouts the model does not implement instead of silently computing something else."""
@@ -139,18 +148,24 @@ class Phi3VConfig(Phi3Config):
     def to_dict(self) -> dict[str, Any]:
         """Serialise in the official layout: `rope_scaling` {type: su, ...} and top-level `rope_theta`.
 
-        transformers 5 would write `rope_parameters`, which the official remote code does not read. Both
-        `dtype` and `torch_dtype` are written for the same reason.
+        transformers 5 would write `rope_parameters`, which the official remote code does not read.
         """
         out = super().to_dict()
         rope = dict(out.pop("rope_parameters", None) or {})
         out["rope_theta"] = rope.pop("rope_theta", self.default_theta)
         rope.pop("original_max_position_embeddings", None)
+        rope.pop("factor", None)  # derived from the two lengths; the official code accepts only type + factors
         partial = rope.pop("partial_rotary_factor", 1.0)
         if partial != 1.0:
             out["partial_rotary_factor"] = partial
         rope_type = rope.pop("rope_type", "default")
         out["rope_scaling"] = None if rope_type == "default" else {"type": "su", **rope}
+        return out
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        """What `save_pretrained` writes: adds the official `torch_dtype` name next to `dtype` (here, not in
+        `to_dict`, because transformers reads every `to_dict` key back as an attribute and warns on that one)."""
+        out = super().to_diff_dict()
         if out.get("dtype") is not None:
             out["torch_dtype"] = out["dtype"]
         return out
