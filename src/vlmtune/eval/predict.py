@@ -33,14 +33,16 @@ COLUMNS = ["id", "image", "target", "generated", "title", "category", "full_pric
            "pred_title", "pred_category", "pred_full_price", "pred_currency", "parse_error", "error"]
 
 
-def shard_rows(row: dict) -> list[dict]:
-    """Ray Data flat_map: one shard URL → its samples as {id, image_ref, jpg, meta}."""
+def shard_rows(row: dict, skip: frozenset = frozenset()) -> list[dict]:
+    """Ray Data flat_map: one shard URL → its samples as {id, image_ref, jpg, meta}, minus the `skip` ids."""
     rows = []
     for raw in raw_samples(row["url"]):
         try:
             meta = json.loads(raw["json"])
         except (KeyError, json.JSONDecodeError, UnicodeDecodeError) as e:
             meta = {"id": raw["__key__"], "error": f"bad JSON ({e})"}
+        if str(meta["id"]) in skip:
+            continue
         rows.append({"id": str(meta["id"]), "image_ref": f"{row['url']}#{raw['__key__']}",
                      "jpg": raw.get("jpg", b""), "meta": json.dumps(meta, ensure_ascii=False)})
     return rows
@@ -171,7 +173,8 @@ def predict(cfg: Config, model: str, source: str, output: str, split: str = "val
 
     if (Path(source) / "manifest.json").exists() or "://" in source:
         shards = split_shards(source, split)
-        ds = ray.data.from_items([{"url": s.url} for s in shards]).flat_map(shard_rows)
+        ds = ray.data.from_items([{"url": s.url} for s in shards]).flat_map(shard_rows,
+                                                                            fn_kwargs={"skip": frozenset(done)})
         total = sum(s.count for s in shards)
     else:
         from vlmtune.data.catalog import read_catalog
@@ -185,12 +188,12 @@ def predict(cfg: Config, model: str, source: str, output: str, split: str = "val
         ds = ds.map_batches(catalog_rows, fn_kwargs={"images": cfg.data.images},
                             batch_size=cfg.data.shards.rows_per_task)
         total = len(rows.records)
-    if done:
-        ds = ds.filter(lambda r: r["id"] not in done)
     if max_samples:
         ds = ds.limit(max(0, max_samples - len(done)))
         total = min(total, max_samples)
     use_gpu = cfg.cluster.use_gpu
+    # one block per batch, so every actor of the pool gets work even when a few shards hold everything
+    ds = ds.repartition(target_num_rows_per_block=cfg.eval.batch_size)
     ds = ds.map_batches(AnswerGenerator, fn_constructor_kwargs={"model": model, "cfg": cfg.model_dump(mode="json"),
                                                                 "use_gpu": use_gpu},
                         batch_size=cfg.eval.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.eval.num_actors),

@@ -145,9 +145,10 @@ def examples_grid(frame: pd.DataFrame, images: dict[str, Image.Image], path: Pat
         if row.image in images:
             ax.imshow(images[row.image])
         ax.set_axis_off()
+        generated = "".join(c if c.isprintable() else "·" for c in row.generated)  # raw model bytes
         ax.set_title(
             f"{kind}: {row.id}\n" + "\n".join(textwrap.wrap(f"true: {row.target}", 38)[:4])
-            + "\n" + "\n".join(textwrap.wrap(f"pred: {row.generated}", 38)[:4]), fontsize=6.5, loc="left")
+            + "\n" + "\n".join(textwrap.wrap(f"pred: {generated}", 38)[:4]), fontsize=6.5, loc="left")
     for ax in list(axes.flat)[len(picks):]:
         ax.set_axis_off()
     return _save(fig, path)
