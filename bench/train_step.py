@@ -2,8 +2,9 @@
 
     python bench/train_step.py [--steps 40] [--micro-batch 8] [--zero 2]
 
-bare:     model + torch AdamW on pre-collated batches held in memory, one thread, no Ray, no DeepSpeed.
-vlmtune:  jobs/train.py's path: Ray Train worker(s) with 1 CPU each, DeepSpeed ZeRO on gloo, the shard
+bare:      model + torch AdamW on pre-collated batches held in memory, one thread, no Ray, no DeepSpeed.
+deepspeed: the same batches through vlmtune's DeepSpeed engine (world size 1, gloo), no Ray, no data.
+vlmtune:   jobs/train.py's path: Ray Train worker(s) with 1 CPU each, DeepSpeed ZeRO on gloo, the shard
           stream decoding JPEGs and running the HD transform in a DataLoader process, collate, logging.
 Tokens/s per worker (one core each); the ratio vlmtune/bare is the overhead figure.
 
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
+import socket
 import statistics
 import tempfile
 import time
@@ -30,10 +33,17 @@ from vlmtune.data.shards import ShardStream, split_shards
 from vlmtune.launch.ray import train
 from vlmtune.models.loading import apply_freeze, apply_lora, load
 from vlmtune.tracking import read_metrics
+from vlmtune.train.engine import build_engine
 from vlmtune.train.metrics import FlopCounter, peak_flops
 
 
-def bare_loop(cfg, args) -> dict:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bare_loop(cfg, args, deepspeed: bool = False) -> dict:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     model, processor = load(args.model, dtype=dtype, random_init=args.random_init, device=args.device,
@@ -47,20 +57,31 @@ def bare_loop(cfg, args) -> dict:
     items = list(itertools.islice(iter(stream), args.micro_batch * 8))
     batches = [collate(items[i : i + args.micro_batch], processor.tokenizer.pad_token_id)
                for i in range(0, len(items), args.micro_batch)]
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     flops = FlopCounter.for_model(model)
+    if deepspeed:
+        engine = build_engine(model, cfg.train, world_size=1, on_gpu=device.type == "cuda")
+
+        def step(batch):
+            loss = engine(**batch).loss
+            engine.backward(loss)
+            engine.step()
+    else:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step(batch):
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
     tokens = total_flops = 0.0
     start = 0.0
-    for step in range(args.steps + 5):
-        if step == 5:  # warm-up excluded
+    for i in range(args.steps + 5):
+        if i == 5:  # warm-up excluded
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start, tokens, total_flops = time.perf_counter(), 0.0, 0.0
-        batch = {k: v.to(device) for k, v in batches[step % len(batches)].items()}
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        batch = {k: v.to(device) for k, v in batches[i % len(batches)].items()}
+        step(batch)
         tokens += float(batch["attention_mask"].sum())
         total_flops += flops.step_flops(batch["attention_mask"].cpu(), batch["image_sizes"].cpu())
     if device.type == "cuda":
@@ -111,6 +132,11 @@ def main() -> None:
     torch.set_num_threads(1)  # a Ray Train worker with 1 CPU runs with one thread too
     rows = [("bare PyTorch loop (1 thread)", bare_loop(cfg, args))]
     if not args.bare_only:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+                          LOCAL_RANK="0")
+        torch.distributed.init_process_group("gloo" if args.device == "cpu" else "nccl")
+        rows.append((f"DeepSpeed ZeRO-{args.zero} engine, no Ray", bare_loop(cfg, args, deepspeed=True)))
+        torch.distributed.destroy_process_group()
         with tempfile.TemporaryDirectory() as storage:
             rows.append(("vlmtune, 1 Ray worker", vlmtune_run(cfg, args, 1, storage)))
             rows.append(("vlmtune, 2 Ray workers (per worker)", vlmtune_run(cfg, args, 2, storage)))
@@ -120,7 +146,8 @@ def main() -> None:
         mfu = f"{r['mfu']:.3f}" if "mfu" in r else "-"
         print(f"{name:<40}{r['tokens_per_s']:>16.0f}{mfu:>8}")
     if len(rows) > 1:
-        print(f"\nratio vlmtune(1 worker)/bare: {rows[1][1]['tokens_per_s'] / rows[0][1]['tokens_per_s']:.3f}")
+        ratio = rows[2][1]["tokens_per_s"] / rows[0][1]["tokens_per_s"]
+        print(f"\nratio vlmtune(1 worker)/bare: {ratio:.3f}")
 
 
 if __name__ == "__main__":
