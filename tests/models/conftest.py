@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from vlmtune.models.loading import load
@@ -19,6 +20,20 @@ DATA = Path(__file__).parent / "data"
 def tiny():
     """(model, processor) of "tiny-phi3v", eval mode, fp32, sdpa."""
     return load("tiny-phi3v")
+
+
+@pytest.fixture
+def tiny_rope_switch():
+    """The tiny model with original_max_position_embeddings=64: test prompts cross the LongRoPE switch."""
+    from vlmtune.models.loading import tiny_config
+    from vlmtune.models.phi3v import Phi3VForCausalLM
+
+    _, processor = load("tiny-phi3v")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Phi3VForCausalLM._from_config(tiny_config(processor.tokenizer, original_max_position_embeddings=64),
+                                              attn_implementation="sdpa")
+    return model.eval(), processor
 
 
 @pytest.fixture

@@ -114,8 +114,8 @@ def _generate(model, batch, **kwargs):
     return model.generate(**batch, do_sample=False, return_dict_in_generate=True, output_scores=True, **kwargs)
 
 
-def test_generate_with_cache_equals_without(tiny, make_image):
-    model, processor = tiny
+def test_generate_with_cache_equals_without(tiny_rope_switch, make_image):
+    model, processor = tiny_rope_switch
     batch = processor("<|user|>\n<|image_1|>\nWhat is it?<|end|>\n<|assistant|>\n", [make_image(100, 150)])
     prompt_len, new = batch["input_ids"].shape[1], 24
     original_max = model.config.original_max_position_embeddings
@@ -189,8 +189,8 @@ def test_loss_counts_only_target_positions(tiny, make_image):
 
 
 @pytest.mark.parametrize("length", [40, 100])  # both sides of original_max_position_embeddings = 64
-def test_text_stack_equals_transformers_phi3(tiny, length):
-    model, _ = tiny
+def test_text_stack_equals_transformers_phi3(tiny_rope_switch, length):
+    model, _ = tiny_rope_switch
     c = model.config
     reference = Phi3ForCausalLM(
         Phi3Config(
@@ -215,9 +215,9 @@ def test_text_stack_equals_transformers_phi3(tiny, length):
         torch.testing.assert_close(model(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=0, atol=0)
 
 
-def test_long_rope_switch_changes_early_logits(tiny):
+def test_long_rope_switch_changes_early_logits(tiny_rope_switch):
     """Sanity check of the test above: past 64 tokens the long factors apply to every position."""
-    model, _ = tiny
+    model, _ = tiny_rope_switch
     ids = torch.randint(3, 259, (1, 100), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         short, long = model(input_ids=ids[:, :40]).logits, model(input_ids=ids).logits[:, :40]

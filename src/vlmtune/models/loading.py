@@ -48,10 +48,12 @@ LORA_PRESETS: dict[str, str] = {
 }
 
 
-def tiny_config(tokenizer: Any) -> Phi3VConfig:
+def tiny_config(tokenizer: Any, original_max_position_embeddings: int = 4096) -> Phi3VConfig:
     """The tiny architecture: 56-px tiles of 4x4 patches, CLIP width 32, text width 64, LongRoPE on.
 
-    `original_max_position_embeddings` is 64 so ordinary test prompts cross the short/long RoPE switch.
+    RoPE lengths are the real model's (4096 → 131072), so training and generation of catalog-sized samples
+    stay on the short factors, as they do at real size. Tests of the short/long switch pass a small
+    `original_max_position_embeddings`.
     """
     return Phi3VConfig(
         architectures=["Phi3VForCausalLM"],
@@ -61,8 +63,8 @@ def tiny_config(tokenizer: Any) -> Phi3VConfig:
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=2,
-        max_position_embeddings=4096,
-        original_max_position_embeddings=64,
+        max_position_embeddings=32 * original_max_position_embeddings,
+        original_max_position_embeddings=original_max_position_embeddings,
         rope_scaling={
             "type": "su",
             "short_factor": [1.0 + 0.125 * i for i in range(16)],
