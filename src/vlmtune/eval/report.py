@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 from PIL import Image
 
 from vlmtune.data.prompts import CATEGORY_SEPARATOR
@@ -57,6 +58,10 @@ def price_scatter(frame: pd.DataFrame, path: Path) -> Path:
         ax.set_ylim(lo, hi)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis):
+            axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            axis.set_major_formatter(FormatStrFormatter("%g"))
+            axis.set_minor_formatter(NullFormatter())
         ax.legend(loc="upper left")
     else:
         ax.text(0.5, 0.5, "no answer contained a price", ha="center", va="center", transform=ax.transAxes)
