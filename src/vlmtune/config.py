@@ -9,8 +9,6 @@ overrides (`train.max_steps=50`) are applied to the YAML before validation, so t
 from __future__ import annotations
 
 import difflib
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -158,10 +156,6 @@ class TrainConfig(_Section):
     table_samples: int = Field(4, ge=0, description="val samples generated into the W&B table per eval")
     checkpoint_every: int = Field(50, ge=1)
 
-    @property
-    def batch_per_step(self) -> int:
-        return self.micro_batch_size * self.grad_accum_steps
-
 
 class ClusterConfig(_Section):
     """Ray Train scaling and run storage (RAY_ADDRESS, if set, picks the cluster)."""
@@ -233,12 +227,6 @@ class Config(_Section):
 
 class ConfigError(ValueError):
     """A configuration problem, phrased for the person who wrote the file."""
-
-
-def section_hash(section: BaseModel) -> str:
-    """Stable short hash of a config section (used to tag outputs with what produced them)."""
-    blob = json.dumps(section.model_dump(mode="json"), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

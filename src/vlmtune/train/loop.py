@@ -193,23 +193,23 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if state.rng is not None:
         set_rng_state(state.rng)
     throughput = Throughput(device, world)
-    losses: list[float] = []
+    losses: list[torch.Tensor] = []  # kept on the device: reading them every step would sync the GPU
     engine.train()
     while state.step < cfg.train.max_steps:
         for _ in range(cfg.train.grad_accum_steps):
-            batch = to_device(next(train_batches), device)
-            loss = engine(**batch).loss
+            host_batch = next(train_batches)
+            throughput.add(len(host_batch["input_ids"]), int(host_batch["attention_mask"].sum()),
+                           flops.step_flops(host_batch["attention_mask"], host_batch["image_sizes"]))
+            loss = engine(**to_device(host_batch, device)).loss
             engine.backward(loss)
             engine.step()
-            losses.append(loss.item())
-            throughput.add(len(batch["input_ids"]), int(batch["attention_mask"].sum()),
-                           flops.step_flops(batch["attention_mask"], batch["image_sizes"]))
+            losses.append(loss.detach())
         state.step += 1
         state.position = train_batches.position
         last_step = state.step == cfg.train.max_steps
 
         if state.step % cfg.train.log_every == 0 or last_step:
-            metrics = {"loss": all_mean(sum(losses) / len(losses), device), "lr": engine.get_lr()[0],
+            metrics = {"loss": all_mean(torch.stack(losses).float().mean().item(), device), "lr": engine.get_lr()[0],
                        "grad_norm": float(engine.get_global_grad_norm() or 0.0),
                        "skipped_samples": all_mean(train_batches.skipped, device) * world,
                        **throughput.snapshot()}
