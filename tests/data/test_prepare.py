@@ -91,6 +91,8 @@ def test_mixed_catalog_every_row_is_a_sample_or_a_recorded_reject(ray_local, ser
     for sid, (split, _) in samples.items():
         assert split == split_of(sid, 0.3, cfg.shards.split_salt)
     assert manifest["totals"]["rejected"] == 6
+    assert manifest["reject_reasons"] == {"HTTP 404 Not Found": 1, "corrupt image": 1, "not an image": 1,
+                                          "decompression bomb": 1, "duplicate id": 1, "full_price missing": 1}
     assert manifest["totals"]["train"]["samples"] + manifest["totals"]["val"]["samples"] == 6
     assert server.hits["/flaky/good.jpg"] == 3
 
@@ -174,3 +176,17 @@ def test_resuming_with_other_settings_is_refused(tmp_path):
     (progress / "train.jsonl").write_text(json.dumps({"split": "train", "catalog": "a", "config": "b"}) + "\n")
     with pytest.raises(ShardError, match=r"different catalog or config \(changed: config\)"):
         read_journal(str(tmp_path), "train", {"split": "train", "catalog": "a", "config": "c"})
+
+
+@pytest.mark.parametrize(("stage", "reason", "kind"), [
+    ("image", "image https://x/a.jpg: HTTP 404 Not Found", "HTTP 404 Not Found"),
+    ("image", "image /p/a.jpg: local file not found: /p/a.jpg", "local file not found"),
+    ("image", "image u: decompression bomb: 5000x5000 pixels exceeds images.max_pixels", "decompression bomb"),
+    ("catalog", "duplicate id (kept row 3)", "duplicate id"),
+    ("catalog", "full_price missing (column 'full_price')", "full_price missing"),
+    ("catalog", "catalog.jsonl line 15: invalid JSON (Expecting value)", "invalid JSON"),
+])
+def test_reject_reasons_are_grouped_without_their_specifics(stage, reason, kind):
+    from vlmtune.data.prepare import reason_kind
+
+    assert reason_kind({"stage": stage, "reason": reason}) == kind

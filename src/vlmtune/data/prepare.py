@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -159,6 +161,14 @@ def shard_settings(cfg: DataConfig) -> dict:
     }
 
 
+def reason_kind(reject: dict) -> str:
+    """The reason without its specifics, for the manifest's histogram: 'image https://…/a.jpg: HTTP 404
+    Not Found' → 'HTTP 404 Not Found', 'duplicate id (kept row 3)' → 'duplicate id'."""
+    reason = reject["reason"].split(": ", 1)[-1] if reject["stage"] == "image" else reject["reason"]
+    reason = re.sub(r"^\S+ line \d+: ", "", reason)  # JSONL rows: 'catalog.jsonl line 15: invalid JSON (…)'
+    return re.split(r" \(|: ", reason, maxsplit=1)[0]
+
+
 def _finish(out_dir: str, rows: CatalogRows, cfg: DataConfig, config_hash: str) -> dict:
     """Manifest and rejects from the journals on disk, the single source of truth across resumed runs."""
     rejects = [r.to_dict() for r in rows.rejects]
@@ -174,10 +184,7 @@ def _finish(out_dir: str, rows: CatalogRows, cfg: DataConfig, config_hash: str) 
     totals = {s: {"shards": sum(1 for x in shards if x["split"] == s),
                   "samples": sum(x["count"] for x in shards if x["split"] == s),
                   "bytes": sum(x["bytes"] for x in shards if x["split"] == s)} for s in SPLITS}
-    reasons: dict[str, int] = {}
-    for r in rejects:
-        kind = r["reason"].split(":")[0] if r["stage"] == "catalog" else r["reason"].split(": ", 1)[-1]
-        reasons[kind] = reasons.get(kind, 0) + 1
+    reasons = Counter(reason_kind(r) for r in rejects)
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "vlmtune_version": __version__,
@@ -186,7 +193,7 @@ def _finish(out_dir: str, rows: CatalogRows, cfg: DataConfig, config_hash: str) 
         "config_hash": config_hash,
         "settings": shard_settings(cfg),
         "totals": {**totals, "rejected": len(rejects)},
-        "reject_reasons": dict(sorted(reasons.items(), key=lambda kv: -kv[1])),
+        "reject_reasons": dict(reasons.most_common()),
         "shards": shards,
     }
     write_rejects(out_dir, rejects)
