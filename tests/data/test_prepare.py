@@ -137,17 +137,17 @@ def test_killed_prepare_resumes_to_the_same_shards(ray_local, server, tmp_path):
     cmd = [sys.executable, str(REPO / "jobs/prepare_data.py"), f"data.catalog.source={catalog}", *SHARD_ARGS]
     proc = subprocess.Popen([*cmd, f"data.shards.dir={killed}"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    journal = killed / "_progress" / "train.jsonl"
+    journal = killed / "_progress" / "train"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if journal.exists() and len(journal.read_text().splitlines()) >= 3:  # header + 2 finished shards
+        if len(list(journal.glob("0*.json"))) >= 2:  # 2 finished shards
             break
         time.sleep(0.05)
     assert proc.poll() is None, "prepare finished before it could be interrupted"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "manifest.json").exists()
-    finished_ids = {i for line in journal.read_text().splitlines()[1:] for i in json.loads(line)["ids"]}
+    finished_ids = {i for entry in journal.glob("0*.json") for i in json.loads(entry.read_text())["ids"]}
     assert len(finished_ids) >= 12
 
     server.hits.clear()
@@ -168,14 +168,27 @@ def test_killed_prepare_resumes_to_the_same_shards(ray_local, server, tmp_path):
     assert _shard_digests(straight) == _shard_digests(killed)
 
 
-def test_resuming_with_other_settings_is_refused(tmp_path):
-    from vlmtune.data.shards import read_journal
+def test_journal_round_trip_and_resuming_with_other_settings_is_refused(tmp_path):
+    from tests.data.conftest import jpeg_bytes
+    from vlmtune.data.shards import SplitWriter, read_journal
 
-    progress = tmp_path / "_progress"
-    progress.mkdir()
-    (progress / "train.jsonl").write_text(json.dumps({"split": "train", "catalog": "a", "config": "b"}) + "\n")
+    header = {"split": "train", "catalog": "a", "config": "b"}
+    writer = SplitWriter(str(tmp_path), "train", samples_per_shard=2, max_shard_bytes=10**9, journal=[],
+                         header=header)
+    for i in range(5):
+        record = {"id": str(i), "title": "t", "category": ["c"], "full_price": 1.0, "price": 1.0,
+                  "currency": "USD", "row": i, "image": "x.jpg"}
+        if i == 3:
+            writer.reject(record, "image x.jpg: HTTP 404")
+        else:
+            writer.write(record, jpeg_bytes())
+    writer.close(ok=True)
+    journal = read_journal(str(tmp_path), "train", header)
+    assert [(e["shard"], e["ids"], e["covered"]) for e in journal] == [
+        ("train-000000.tar", ["0", "1"], 2), ("train-000001.tar", ["2", "4"], 5)]
+    assert journal[1]["rejects"][0]["id"] == "3"
     with pytest.raises(ShardError, match=r"different catalog or config \(changed: config\)"):
-        read_journal(str(tmp_path), "train", {"split": "train", "catalog": "a", "config": "c"})
+        read_journal(str(tmp_path), "train", {**header, "config": "c"})
 
 
 @pytest.mark.parametrize(("stage", "reason", "kind"), [

@@ -115,14 +115,14 @@ def prepare(cfg: DataConfig) -> dict:
         raise ValueError(f"{cfg.catalog.source}: no usable rows ({len(rows.rejects)} rejected); first reasons: "
                          + "; ".join(r.reason for r in rows.rejects[:3]))
     splits = _ordered_splits(rows, cfg)
-    config_hash = settings_hash(shard_settings(cfg))
+    fingerprint, config_hash = rows.fingerprint(), settings_hash(shard_settings(cfg))
+    headers = {split: {"split": split, "catalog": fingerprint, "config": config_hash} for split in SPLITS}
     writers: dict[str, SplitWriter] = {}
     todo: list[dict] = []
     for split, records in splits.items():
-        header = {"split": split, "catalog": rows.fingerprint(), "config": config_hash}
-        journal = read_journal(out_dir, split, header)
+        journal = read_journal(out_dir, split, headers[split])
         writers[split] = SplitWriter(out_dir, split, cfg.shards.samples_per_shard, cfg.shards.max_shard_bytes,
-                                     journal, header)
+                                     journal, headers[split])
         todo += [dict(r, split=split) for r in records[writers[split].position :]]
     done = sum(w.position for w in writers.values())
     if done:
@@ -147,7 +147,7 @@ def prepare(cfg: DataConfig) -> dict:
         for writer in writers.values():
             writer.close(ok)
 
-    return _finish(out_dir, rows, cfg, config_hash)
+    return _finish(out_dir, rows, cfg, fingerprint, config_hash, {s: w.journal for s, w in writers.items()})
 
 
 def shard_settings(cfg: DataConfig) -> dict:
@@ -169,13 +169,13 @@ def reason_kind(reject: dict) -> str:
     return re.split(r" \(|: ", reason, maxsplit=1)[0]
 
 
-def _finish(out_dir: str, rows: CatalogRows, cfg: DataConfig, config_hash: str) -> dict:
-    """Manifest and rejects from the journals on disk, the single source of truth across resumed runs."""
+def _finish(out_dir: str, rows: CatalogRows, cfg: DataConfig, fingerprint: str, config_hash: str,
+            journals: dict[str, list[dict]]) -> dict:
+    """Manifest and rejects from the complete journals (earlier runs' entries included)."""
     rejects = [r.to_dict() for r in rows.rejects]
     shards = []
     for split in SPLITS:
-        header = {"split": split, "catalog": rows.fingerprint(), "config": config_hash}
-        for entry in read_journal(out_dir, split, header):
+        for entry in journals[split]:
             rejects += entry["rejects"]
             if entry["shard"]:
                 shards.append({"name": entry["shard"], "split": split, "count": entry["count"],
@@ -189,7 +189,7 @@ def _finish(out_dir: str, rows: CatalogRows, cfg: DataConfig, config_hash: str) 
         "schema_version": SCHEMA_VERSION,
         "vlmtune_version": __version__,
         "source": {"catalog": cfg.catalog.source, "rows": len(rows.records) + len(rows.rejects),
-                   "fingerprint": rows.fingerprint()},
+                   "fingerprint": fingerprint},
         "config_hash": config_hash,
         "settings": shard_settings(cfg),
         "totals": {**totals, "rejected": len(rejects)},

@@ -4,7 +4,8 @@ Layout of a shard directory:
     train-000000.tar …  val-000000.tar …   each sample = <key>.jpg + <key>.json (the record)
     manifest.json                          schema version, per-shard count/bytes/sha256, totals, source
     rejects.jsonl                          every row that did not become a sample, with its reason
-    _progress/<split>.jsonl                journal of finished shards (what makes prepare resumable)
+    _progress/<split>/                     journal: header.json + one NNNNNN.json per finished shard
+                                           (what makes prepare resumable)
 
 Streaming policy (`ShardStream`): for epoch e, the split's shards are shuffled with (seed, e) and laid
 end to end into one global sample order of N samples. Rank r of W reads the contiguous range
@@ -65,6 +66,13 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def write_atomic(fs, path: str, text: str) -> None:
+    """Write `path` whole or not at all: a reader never sees a half-written file (works on object stores)."""
+    with fs.open(path + ".partial", "w") as fh:
+        fh.write(text)
+    fs.mv(path + ".partial", path)
+
+
 def split_of(sample_id: str, val_fraction: float, salt: str) -> str:
     """Deterministic train/val assignment from a hash of the id: stable across runs and machines."""
     digest = hashlib.sha256(f"{salt}:{sample_id}".encode()).digest()
@@ -88,7 +96,8 @@ class SplitWriter:
     Shards are written under a temporary name and renamed when complete, then recorded in the split's
     journal together with the catalog position they cover and the rejects inside that range. A rerun
     reads the journal and continues after the last finished shard, so an interrupted prepare ends with
-    exactly the shards an uninterrupted one writes.
+    exactly the shards an uninterrupted one writes. Each journal entry is its own small file, so recording
+    a shard costs the same at shard 5 and shard 5,000, on a local disk or an object store.
     """
 
     def __init__(self, out_dir: str, split: str, samples_per_shard: int, max_shard_bytes: int,
@@ -100,6 +109,7 @@ class SplitWriter:
         self.local_tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"vlmtune-{os.getpid()}-{split}"
         self.local_tmp.mkdir(parents=True, exist_ok=True)
         self.journal = journal
+        self.journal_dir = f"{self.root}/_progress/{split}"
         self.header = header
         self.pending_ids: list[str] = []
         self.pending_rejects: list[dict] = []
@@ -122,17 +132,15 @@ class SplitWriter:
         self.fs.put_file(str(tmp), f"{self.root}/{name}.partial")
         self.fs.mv(f"{self.root}/{name}.partial", f"{self.root}/{name}")
         tmp.unlink()
-        self._append_journal(entry)
-        self.journal.append(entry)
+        self._record(entry)
         self.pending_ids, self.pending_rejects = [], []
 
-    def _append_journal(self, entry: dict) -> None:
-        path = f"{self.root}/_progress/{self.split}.jsonl"
-        self.fs.makedirs(f"{self.root}/_progress", exist_ok=True)
-        lines = [json.dumps(self.header)] + [json.dumps(e) for e in [*self.journal, entry]]
-        with self.fs.open(path + ".partial", "w") as fh:
-            fh.write("\n".join(lines) + "\n")
-        self.fs.mv(path + ".partial", path)
+    def _record(self, entry: dict) -> None:
+        if not self.journal:
+            self.fs.makedirs(self.journal_dir, exist_ok=True)
+            write_atomic(self.fs, f"{self.journal_dir}/header.json", json.dumps(self.header))
+        write_atomic(self.fs, f"{self.journal_dir}/{len(self.journal):06d}.json", json.dumps(entry))
+        self.journal.append(entry)
 
     def write(self, record: dict, jpeg: bytes) -> None:
         meta = {k: record[k] for k in ("id", "title", "category", "full_price", "price", "currency")}
@@ -153,9 +161,7 @@ class SplitWriter:
         self.aborted = not ok
         if ok and self.pending_rejects and not self.pending_ids:
             # Rejects with no sample left to carry them into a shard's entry still need recording.
-            entry = {"shard": None, "count": 0, "rejects": self.pending_rejects, "covered": self.position}
-            self._append_journal(entry)
-            self.journal.append(entry)
+            self._record({"shard": None, "count": 0, "rejects": self.pending_rejects, "covered": self.position})
         self.writer.close()
         for leftover in self.local_tmp.glob("*"):
             leftover.unlink()
@@ -166,18 +172,22 @@ def read_journal(out_dir: str, split: str, header: dict) -> list[dict]:
     """Finished shards of a previous run, or [] when starting fresh. Refuses a journal from a different
     catalog or config, since continuing it would mix two data sets."""
     fs, root = fsspec.core.url_to_fs(out_dir.rstrip("/"))
-    path = f"{root}/_progress/{split}.jsonl"
-    if not fs.exists(path):
+    directory = f"{root}/_progress/{split}"
+    if not fs.exists(f"{directory}/header.json"):
         return []
-    with fs.open(path, "r") as fh:
-        lines = [json.loads(line) for line in fh if line.strip()]
-    previous, entries = lines[0], lines[1:]
+    with fs.open(f"{directory}/header.json", "r") as fh:
+        previous = json.load(fh)
     if previous != header:
         changed = sorted(k for k in header if previous.get(k) != header[k])
         raise ShardError(
             f"{out_dir} holds shards prepared from a different catalog or config (changed: {', '.join(changed)}); "
             "use another output directory or delete this one"
         )
+    names = sorted(p.rsplit("/", 1)[1] for p in fs.ls(directory, detail=False))
+    entries = []
+    for name in (n for n in names if n[:6].isdigit() and n.endswith(".json")):
+        with fs.open(f"{directory}/{name}", "r") as fh:
+            entries.append(json.load(fh))
     for entry in entries:
         if entry["shard"] is not None and not fs.exists(f"{root}/{entry['shard']}"):
             raise ShardError(f"{out_dir}: journal lists {entry['shard']} but the file is missing; delete the "
@@ -187,16 +197,12 @@ def read_journal(out_dir: str, split: str, header: dict) -> list[dict]:
 
 def write_manifest(out_dir: str, manifest: dict) -> None:
     fs, root = fsspec.core.url_to_fs(out_dir.rstrip("/"))
-    with fs.open(f"{root}/{MANIFEST}.partial", "w") as fh:
-        json.dump(manifest, fh, indent=2, ensure_ascii=False)
-    fs.mv(f"{root}/{MANIFEST}.partial", f"{root}/{MANIFEST}")
+    write_atomic(fs, f"{root}/{MANIFEST}", json.dumps(manifest, indent=2, ensure_ascii=False))
 
 
 def write_rejects(out_dir: str, rejects: list[dict]) -> None:
     fs, root = fsspec.core.url_to_fs(out_dir.rstrip("/"))
-    with fs.open(f"{root}/{REJECTS}", "w") as fh:
-        for r in rejects:
-            fh.write(json.dumps(r, ensure_ascii=False) + "\n")
+    write_atomic(fs, f"{root}/{REJECTS}", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
 
 
 # ------------------------------------------------------------------------------------------ reading
