@@ -55,7 +55,7 @@ def test_examples_are_ranked_best_first():
 def test_confusion_matrix_counts():
     from vlmtune.eval.report import OTHER, confusion_matrix
 
-    data = frame(["Product: a, Category: women > bags > totes, Full Price: 1",  # right, other case
+    data = frame(["Product: a, Category: women>bags >  totes, Full Price: 1",  # right: case, spacing as metrics
                   "Product: b, Category: Women > Bags > Totes, Full Price: 1",  # wrong but a known label
                   "Product: c, Category: Hats, Full Price: 1",  # not a known label
                   "nothing"])  # unparsed

@@ -20,12 +20,14 @@ from sacrebleu.metrics import CHRF
 from vlmtune.data.prompts import CATEGORY_SEPARATOR, ParsedAnswer, parse_answer
 
 
-def _norm(text: str | None) -> str:
+def normalize(text: str | None) -> str:
+    """Case and whitespace do not count when answers are compared."""
     return " ".join((text or "").lower().split())
 
 
-def _path(text: str | None) -> list[str]:
-    return [_norm(p) for p in (text or "").split(CATEGORY_SEPARATOR.strip())] if text else []
+def category_key(text: str | None) -> list[str]:
+    """A category as written in an answer ('Women > Bags', 'women>bags') → its normalised path."""
+    return [normalize(p) for p in (text or "").split(CATEGORY_SEPARATOR.strip())] if text else []
 
 
 def price_errors(pairs: list[tuple[float, float]]) -> dict:
@@ -47,7 +49,7 @@ def score(records: list[dict]) -> dict:
     n = len(records)
     path_hits = top_hits = leaf_hits = 0
     for rec, ans in zip(records, parsed, strict=True):
-        want, got = [_norm(c) for c in rec["category"]], _path(ans.category)
+        want, got = [normalize(c) for c in rec["category"]], category_key(ans.category)
         path_hits += got == want
         leaf_hits += bool(got) and got[-1] == want[-1]
         top_hits += bool(got) and got[0] == want[0]
@@ -62,7 +64,7 @@ def score(records: list[dict]) -> dict:
         "category_path_acc": path_hits / n,
         "category_top_acc": top_hits / n,
         "category_leaf_acc": leaf_hits / n,
-        "title_exact": sum(_norm(p) == _norm(t) for p, t in titles) / n,
+        "title_exact": sum(normalize(p) == normalize(t) for p, t in titles) / n,
         "title_chrf": chrf,
         **price_errors(pairs),
     }
@@ -83,19 +85,19 @@ def baselines(train_meta: list[dict], records: list[dict]) -> dict:
     - median price per predicted category: the model's category (full path) mapped to the training
       median full price of that category (global median when the category is unknown or unparsed).
     """
-    paths = Counter(tuple(_norm(c) for c in m["category"]) for m in train_meta)
+    paths = Counter(tuple(normalize(c) for c in m["category"]) for m in train_meta)
     majority = list(paths.most_common(1)[0][0]) if paths else []
     by_cat: dict[tuple, list[float]] = defaultdict(list)
     for m in train_meta:
-        by_cat[tuple(_norm(c) for c in m["category"])].append(float(m["full_price"]))
+        by_cat[tuple(normalize(c) for c in m["category"])].append(float(m["full_price"]))
     global_median = statistics.median(float(m["full_price"]) for m in train_meta) if train_meta else 0.0
     medians = {k: statistics.median(v) for k, v in by_cat.items()}
     pairs = []
     for rec in records:
         ans = rec.get("parsed") or parse_answer(rec["generated"])
-        guess = medians.get(tuple(_path(ans.category)), global_median)
+        guess = medians.get(tuple(category_key(ans.category)), global_median)
         pairs.append((guess, float(rec["full_price"])))
     n = max(len(records), 1)
-    majority_hits = sum([_norm(c) for c in r["category"]] == majority for r in records)
+    majority_hits = sum([normalize(c) for c in r["category"]] == majority for r in records)
     return {"majority_category_path_acc": majority_hits / n,
             **{f"median_by_predicted_category_{k}": v for k, v in price_errors(pairs).items() if k != "price_n"}}

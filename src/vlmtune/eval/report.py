@@ -20,7 +20,7 @@ from PIL import Image
 
 from vlmtune.data.prompts import CATEGORY_SEPARATOR
 from vlmtune.data.shards import raw_samples
-from vlmtune.eval.metrics import baselines, score, score_by_category
+from vlmtune.eval.metrics import baselines, category_key, normalize, score, score_by_category
 
 UNPARSED = "<unparsed>"
 OTHER = "<other>"
@@ -90,9 +90,9 @@ def confusion_matrix(frame: pd.DataFrame) -> tuple[list[str], list[str], np.ndar
     data = frame[frame["category"].notna()]
     truth = data["category"].map(lambda c: CATEGORY_SEPARATOR.join(json.loads(c)))
     labels = sorted(truth.unique())
-    known = {" ".join(label.lower().split()): label for label in labels}
+    known = {tuple(category_key(label)): label for label in labels}
     pred = data["pred_category"].map(
-        lambda c: UNPARSED if pd.isna(c) else known.get(" ".join(c.lower().split()), OTHER))
+        lambda c: UNPARSED if pd.isna(c) else known.get(tuple(category_key(c)), OTHER))
     cols = [*labels, OTHER, UNPARSED]
     matrix = np.zeros((len(labels), len(cols)), dtype=int)
     for t, p in zip(truth, pred, strict=True):
@@ -135,8 +135,8 @@ def load_images(frame: pd.DataFrame) -> dict[str, Image.Image]:
 def example_ranking(frame: pd.DataFrame) -> pd.DataFrame:
     """Rows ordered best first: category right, then smallest price error (unparsed prices last)."""
     data = frame[frame["category"].notna()].copy()
-    truth = data["category"].map(lambda c: " ".join(CATEGORY_SEPARATOR.join(json.loads(c)).lower().split()))
-    data["category_ok"] = truth == data["pred_category"].fillna("").map(lambda c: " ".join(c.lower().split()))
+    truth = data["category"].map(lambda c: [normalize(p) for p in json.loads(c)])
+    data["category_ok"] = truth == data["pred_category"].map(lambda c: [] if pd.isna(c) else category_key(c))
     data["ape"] = _ape(data).fillna(math.inf)
     return data.sort_values(["category_ok", "ape"], ascending=[False, True])
 
