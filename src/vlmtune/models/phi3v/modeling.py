@@ -221,21 +221,23 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         image_sizes: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Any = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        """Labels are `input_ids`-aligned; positions labelled -100 are ignored (shifted CE in fp32)."""
+        """Labels are `input_ids`-aligned; positions labelled -100 are ignored (shifted CE in fp32).
+
+        The KV cache travels in `kwargs` under whichever name the installed transformers uses
+        (`past_key_values` up to 5.23, `cache` from 5.24), and comes back in the output the same way.
+        """
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
             image_sizes=image_sizes,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
@@ -244,28 +246,21 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-        return CausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-        )
+        rest = {key: value for key, value in outputs.items() if key != "last_hidden_state"}
+        return CausalLMOutputWithPast(loss=loss, logits=logits, **rest)
 
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
-        past_key_values: Any = None,
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
         is_first_iteration: bool = False,
         **kwargs: Any,
     ) -> dict[str, Any]:
-        model_inputs = super().prepare_inputs_for_generation(
-            input_ids, past_key_values=past_key_values, is_first_iteration=is_first_iteration, **kwargs
-        )
+        model_inputs = super().prepare_inputs_for_generation(input_ids, is_first_iteration=is_first_iteration, **kwargs)
+        cache = model_inputs.get("cache", model_inputs.get("past_key_values"))
         # A step without a cache recomputes the whole prompt, image slots included.
-        if is_first_iteration or model_inputs.get("past_key_values") is None:
+        if is_first_iteration or cache is None:
             model_inputs["pixel_values"] = pixel_values
             model_inputs["image_sizes"] = image_sizes
         return model_inputs
