@@ -1,6 +1,6 @@
 # vlmtune: `make demo` runs the whole pipeline on a local Ray cluster (CPU, tiny model, sample catalog);
 # `make test` runs the test suite. Both create .venv on first use (torch 2.13.0 first, so pip never
-# pulls a multi-GB CUDA build on a CPU machine).
+# pulls a multi-GB CUDA build on a CPU machine; then the project at the versions in constraints.txt).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -13,11 +13,11 @@ DEMO_CONFIG ?= configs/demo-cpu.yaml
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==$(TORCH_VERSION)
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $@
 
 demo: $(STAMP)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 
@@ -15,14 +16,40 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+LOCAL_RAY = dict(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A real local Ray cluster shared by the tests that need one (starting Ray costs ~10 s)."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+        ray.init(**LOCAL_RAY)
     yield ray
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.when == "call" and report.failed:
+        item.stash[FAILED] = True
+    return report
+
+
+FAILED = pytest.StashKey[bool]()
+
+
+@pytest.fixture(autouse=True)
+def fresh_ray_after_a_failure(request):
+    """A test that failed part-way (an assertion, a timeout) can leave a Ray Train controller, its workers
+    or an actor pool holding the shared cluster's CPUs; every later fit would wait for them forever. So
+    after a failure the next test gets a new local cluster."""
+    yield
+    ray = sys.modules.get("ray")
+    if request.node.stash.get(FAILED, False) and ray is not None and ray.is_initialized():
+        ray.shutdown()
+        ray.init(**LOCAL_RAY)
 
 
 @pytest.fixture(scope="session")

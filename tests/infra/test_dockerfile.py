@@ -51,7 +51,8 @@ def pip_steps(lines: list[str]) -> list[str]:
             if "--upgrade pip" in call:
                 steps.append("upgrade-pip")
             elif m := re.search(r"-e \S*?\[([^\]]+)\]", call):
-                steps.append(f"project[{m.group(1)}]")
+                pinned = " with constraints.txt" if re.search(r"-c \S*constraints\.txt", call) else ""
+                steps.append(f"project[{m.group(1)}]{pinned}")
             elif m := re.search(r"(?:^|\s)torch==(\S+)", call):
                 steps.append(f"torch=={m.group(1)}")
     return steps
@@ -92,11 +93,15 @@ def test_install_steps_match_the_makefile(commands):
     runs = [c.value[0].replace("${TORCH_VERSION}", a["TORCH_VERSION"]).replace("${VLMTUNE_EXTRAS}", a["VLMTUNE_EXTRAS"])
             for c in commands if c.cmd == "RUN"]
     docker_steps = pip_steps(runs)
-    # Same order: pip, torch pinned first, then the project (editable, as `make install` does).
-    assert make_steps == ["upgrade-pip", f"torch=={version}", "project[dev]"], make_steps
-    assert docker_steps[:3] == ["upgrade-pip", f"torch=={version}", f"project[{a['VLMTUNE_EXTRAS']}]"], docker_steps
+    # Same order: pip, torch pinned first, then the project (editable, at the tested versions, as
+    # `make install` does).
+    assert make_steps == ["upgrade-pip", f"torch=={version}", "project[dev] with constraints.txt"], make_steps
+    assert docker_steps[:3] == ["upgrade-pip", f"torch=={version}",
+                                f"project[{a['VLMTUNE_EXTRAS']}] with constraints.txt"], docker_steps
+    assert f"torch=={version}\n" in (REPO / "constraints.txt").read_text()
     extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    image_extras = {e for step in docker_steps if step.startswith("project[") for e in step[8:-1].split(",")}
+    image_extras = {e for step in docker_steps for m in re.finditer(r"project\[([^\]]+)\]", step)
+                    for e in m.group(1).split(",")}
     assert image_extras <= set(extras) and "dev" not in image_extras, image_extras
     # The project install keeps torch and ray at the pinned versions (the resolver cannot swap them).
     project_run = next(r for r in runs if "-e \"/app[" in r)

@@ -26,6 +26,9 @@ CPUS_PER_NODE = 2
 # Small enough for a CPU box, big enough that each of the 2 training workers gets train shards.
 DATA = ["data.catalog.source=sample", "data.catalog.sample_size=60", "data.shards.samples_per_shard=16"]
 
+# A time limit on every test job: one orphaned by an interrupted test run ends by itself.
+JOB_LIMITS = ["--gpus-per-node=1", f"--cpus-per-task={CPUS_PER_NODE}", "--time=10"]
+
 pytestmark = pytest.mark.slow
 
 
@@ -93,8 +96,8 @@ class Submit:
         self.out = tmp / "job.out"
 
     def __call__(self, script: str, *args: str, sbatch: tuple[str, ...] = (), timeout: float = 300.0):
-        job_id = self.cluster.sbatch(["--gpus-per-node=1", f"--cpus-per-task={CPUS_PER_NODE}",
-                                      f"--output={self.out}", *sbatch, script, *args], cwd=REPO, env=self.env)
+        job_id = self.cluster.sbatch([*JOB_LIMITS, f"--output={self.out}", *sbatch, script, *args], cwd=REPO,
+                                     env=self.env)
         job = self.cluster.wait(job_id, timeout)
         return job, self.output()
 
@@ -136,7 +139,7 @@ def test_train_on_slurm_writes_checkpoint_and_export(slurm, prepared, tmp_path):
     job, out = submit("slurm/train.sh", "configs/demo-cpu.yaml", *DATA, f"data.shards.dir={shards}",
                       "train.max_steps=4", "train.micro_batch_size=2", "train.log_every=1", "train.eval_batches=1",
                       "train.table_samples=0", "train.checkpoint_every=4", "tracking.mode=disabled",
-                      f"cluster.storage_path={storage}", f"cluster.run_name={run}", timeout=900)
+                      f"cluster.storage_path={storage}", f"cluster.run_name={run}", timeout=540)
     print(f"train on Slurm: {job.state} in {time.monotonic() - started:.1f} s")
     assert job.state == "COMPLETED" and job.exit_code == "0:0", out[-6000:]
     assert "ray cluster ready: 2 nodes" in out and "training needs 2 workers" in out
@@ -163,7 +166,7 @@ def test_infeasible_config_fails_before_training_and_cleans_up(slurm, tmp_path):
 
 def test_scancel_stops_the_ray_cluster(slurm, tmp_path):
     submit = Submit(slurm, tmp_path)
-    job_id = slurm.sbatch(["--gpus-per-node=1", f"--cpus-per-task={CPUS_PER_NODE}", f"--output={submit.out}",
+    job_id = slurm.sbatch([*JOB_LIMITS, f"--output={submit.out}",
                            "slurm/prepare.sh", "configs/demo-cpu.yaml", "data.catalog.sample_size=100000",
                            f"data.shards.dir={tmp_path / 'shards'}"], cwd=REPO, env=submit.env)
     deadline = time.monotonic() + 240
