@@ -147,6 +147,23 @@ def test_batched_left_padded_generation_equals_single(tiny, make_image):
             torch.testing.assert_close(a[i], b[0], rtol=1e-4, atol=1e-4)
 
 
+def test_beam_search_repeats_each_rows_own_images(tiny, make_image):
+    """num_beams repeats rows: row 0 holds two images, row 1 none, row 2 one; every beam sees its row's."""
+    model, processor = tiny
+    prompts = ["<|image_1|> and <|image_2|>?", "no image here", "just <|image_1|>"]
+    images = [[make_image(60, 60), make_image(300, 80, seed=1)], [], [make_image(80, 200, seed=2)]]
+    batch = processor(prompts, images, padding_side="left")
+    assert model.images_by_row(batch["input_ids"], batch["image_sizes"]) == [[0, 1], [], [2]]
+    beams = 3
+    out = model.generate(**batch, max_new_tokens=2, num_beams=beams, do_sample=False, return_dict_in_generate=True,
+                         output_scores=True)
+    for i, (prompt, imgs) in enumerate(zip(prompts, images, strict=True)):
+        greedy = _generate(model, processor(prompt, imgs), max_new_tokens=1)
+        # At the first step only a row's first beam is live: its scores are the prompt's log-probabilities.
+        torch.testing.assert_close(out.scores[0][beams * i], greedy.scores[0][0].log_softmax(-1), rtol=1e-4,
+                                   atol=1e-4)
+
+
 def test_text_only_and_mixed_batches(tiny, make_image):
     model, processor = tiny
     text = processor(["<|user|>\nHello<|end|>", "<|user|>\nA longer question<|end|>"], padding_side="left")

@@ -27,6 +27,7 @@ from transformers.models.phi3.modeling_phi3 import Phi3PreTrainedModel
 from transformers.utils import can_return_tuple
 
 from .configuration import Phi3VConfig
+from .image_processing import num_image_tokens
 
 
 def merge_2x2(features: torch.Tensor) -> torch.Tensor:
@@ -248,6 +249,48 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         rest = {key: value for key, value in outputs.items() if key != "last_hidden_state"}
         return CausalLMOutputWithPast(loss=loss, logits=logits, **rest)
+
+    def images_by_row(self, input_ids: torch.LongTensor, image_sizes: torch.Tensor | list) -> list[list[int]]:
+        """Indices of the images whose features fill each row's slots (in order, row by row: see Phi3VModel)."""
+        slots = ((input_ids < 0) | (input_ids == self.config.image_token_id)).sum(dim=1).tolist()
+        sizes = torch.as_tensor(image_sizes).tolist()
+        tile, side = self.model.vision_embed_tokens.tile_size, self.config.tokens_per_side
+        rows, k = [], 0
+        for i, left in enumerate(slots):
+            rows.append([])
+            while left > 0 and k < len(sizes):
+                left -= num_image_tokens(*sizes[k], tile, side)
+                rows[-1].append(k)
+                k += 1
+            if left != 0:
+                raise ValueError(f"row {i} of input_ids has {slots[i]} image slots, which whole images do not fill")
+        if k != len(sizes):
+            raise ValueError(f"input_ids have slots for {k} images but {len(sizes)} were given")
+        return rows
+
+    def _expand_inputs_for_generation(
+        self,
+        expand_size: int = 1,
+        is_encoder_decoder: bool = False,
+        input_ids: torch.LongTensor | None = None,
+        **model_kwargs: Any,
+    ) -> tuple[torch.LongTensor | None, dict[str, Any]]:
+        """Beam search and `num_return_sequences` repeat every row `expand_size` times. The generic version
+        repeats each tensor along dim 0, right for pixel_values only when every row holds exactly one image;
+        here each row's own images (several, or none) are repeated with it."""
+        pixel_values, image_sizes = model_kwargs.pop("pixel_values", None), model_kwargs.pop("image_sizes", None)
+        if pixel_values is not None and expand_size > 1 and input_ids is not None:
+            order = [k for images in self.images_by_row(input_ids, image_sizes) for _ in range(expand_size)
+                     for k in images]
+            index = torch.tensor(order, dtype=torch.long, device=pixel_values.device)
+            pixel_values = pixel_values[index]
+            image_sizes = torch.as_tensor(image_sizes, device=pixel_values.device)[index]
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size=expand_size, is_encoder_decoder=is_encoder_decoder, input_ids=input_ids, **model_kwargs
+        )
+        if pixel_values is not None:
+            model_kwargs.update(pixel_values=pixel_values, image_sizes=image_sizes)
+        return input_ids, model_kwargs
 
     def prepare_inputs_for_generation(
         self,
