@@ -161,6 +161,10 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
             config.vision_config._attn_implementation_internal = config._attn_implementation
         self.post_init()
 
+    def image_slots(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Boolean mask of the positions that image features fill."""
+        return (input_ids < 0) | (input_ids == self.config.image_token_id)
+
     def embed(
         self,
         input_ids: torch.LongTensor,
@@ -174,7 +178,7 @@ class Phi3VModel(Phi3VPreTrainedModel, Phi3Model):
             return self.embed_tokens(input_ids)
         if image_sizes is None:
             raise ValueError("pixel_values need image_sizes")
-        slots = (input_ids < 0) | (input_ids == self.config.image_token_id)
+        slots = self.image_slots(input_ids)
         embeds = self.embed_tokens(input_ids.masked_fill(slots, 0))  # never look up negative ids
         features = self.vision_embed_tokens(pixel_values, image_sizes)
         num_slots = int(slots.sum())
@@ -252,7 +256,7 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
 
     def images_by_row(self, input_ids: torch.LongTensor, image_sizes: torch.Tensor | list) -> list[list[int]]:
         """Indices of the images whose features fill each row's slots (in order, row by row: see Phi3VModel)."""
-        slots = ((input_ids < 0) | (input_ids == self.config.image_token_id)).sum(dim=1).tolist()
+        slots = self.model.image_slots(input_ids).sum(dim=1).tolist()
         sizes = torch.as_tensor(image_sizes).tolist()
         tile, side = self.model.vision_embed_tokens.tile_size, self.config.tokens_per_side
         rows, k = [], 0
