@@ -31,7 +31,7 @@ from vlmtune.data.collate import SampleEncoder, collate
 from vlmtune.data.prepare import prepare
 from vlmtune.data.shards import ShardStream, split_shards
 from vlmtune.launch.ray import train
-from vlmtune.models.loading import apply_freeze, apply_lora, load
+from vlmtune.models.loading import prepare_model
 from vlmtune.tracking import read_metrics
 from vlmtune.train.engine import build_engine
 from vlmtune.train.metrics import FlopCounter, peak_flops
@@ -46,11 +46,7 @@ def free_port() -> int:
 def bare_loop(cfg, args, deepspeed: bool = False) -> dict:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
-    model, processor = load(args.model, dtype=dtype, random_init=args.random_init, device=args.device,
-                            num_crops=cfg.model.num_crops, attn_implementation=cfg.model.attn_implementation)
-    if args.gradient_checkpointing:
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    model = apply_lora(model, cfg.model.lora) if args.lora else apply_freeze(model, cfg.model.freeze)
+    model, processor = prepare_model(cfg.model, dtype, random_init=args.random_init, device=args.device)
     model.to(device).train()
     encoder = SampleEncoder(processor, cfg.data.prompt, cfg.model.max_length)
     stream = ShardStream(split_shards(cfg.data.shards.dir, "train"), seed=0, transform=encoder)
@@ -122,7 +118,8 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = load_config("configs/demo-cpu.yaml", [
-        f"data.shards.dir={args.dir}", f"model.lora.enabled={args.lora}", f"train.zero_stage={args.zero}",
+        f"data.shards.dir={args.dir}", f"model.name_or_path={args.model}", f"model.lora.enabled={args.lora}",
+        f"model.gradient_checkpointing={args.gradient_checkpointing}", f"train.zero_stage={args.zero}",
         f"train.micro_batch_size={args.micro_batch}", f"train.max_steps={args.steps}", "train.log_every=5",
         "train.eval_every=0", "train.table_samples=0", "train.eval_batches=1",
         f"train.checkpoint_every={args.steps}", "export.enabled=false", "tracking.mode=disabled",

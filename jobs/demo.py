@@ -8,16 +8,13 @@ visible, then prints where the shards, checkpoints, export, reports and W&B offl
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from pathlib import Path
 
-from vlmtune.config import ConfigError, load_config
+from vlmtune import runs
+from vlmtune.cli import announce_config, exit_with, job_parser, load_job_config
+from vlmtune.console import console
 from vlmtune.data.prepare import prepare
 from vlmtune.eval.evaluate import evaluate
-from vlmtune.jobs_common import announce_config, setup_logging
-from vlmtune.launch.ray import PreflightError, storage_path, train
 from vlmtune.tracking import read_metrics
 
 ROWS = [("val loss (teacher forced)", "eval_loss"), ("answer parses", "parse_rate"),
@@ -25,52 +22,43 @@ ROWS = [("val loss (teacher forced)", "eval_loss"), ("answer parses", "parse_rat
         ("price MAPE", "price_mape"), ("price within 10%", "price_within_10pct"), ("title chrF", "title_chrf")]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="configs/demo-cpu.yaml")
-    parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    run = f"{storage_path(cfg)}/{cfg.cluster.run_name}"
+def evaluate_as(cfg, model: str, name: str) -> dict:
+    stage = cfg.model_copy(deep=True)
+    stage.eval.output_dir = str(Path(cfg.eval.output_dir) / name)
+    return evaluate(stage, model)["overall"]
+
+
+def main(args) -> int:
+    cfg = load_job_config(args)
+    run = runs.run_dir(cfg)
     announce_config(cfg, run, "demo")
+    from vlmtune.launch.ray import train  # DeepSpeed prints on import: only once the console owns the terminal
 
-    print("\n== 1/4 prepare: sample catalog → WebDataset shards", flush=True)
-    manifest = prepare(cfg.data)
-    print(json.dumps(manifest["totals"]))
+    console.say("\n== 1/4 prepare: sample catalog → WebDataset shards")
+    totals = prepare(cfg.data)["totals"]
+    console.say(f"{totals['train']['samples']} train and {totals['val']['samples']} val samples in "
+                f"{totals['train']['shards']} + {totals['val']['shards']} shards, {totals['rejected']} rejected")
 
-    eval_dir = Path(cfg.eval.output_dir)
-    print("\n== 2/4 evaluate the untrained base model", flush=True)
-    before_cfg = cfg.model_copy(deep=True)
-    before_cfg.eval.output_dir = str(eval_dir / "before")
-    before = evaluate(before_cfg, cfg.model.name_or_path)["overall"]
+    console.say("\n== 2/4 evaluate the untrained base model")
+    before = evaluate_as(cfg, cfg.model.name_or_path, "before")
 
-    print("\n== 3/4 train: Ray Train + DeepSpeed", flush=True)
-    try:
-        outputs = train(cfg)
-    except PreflightError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    console.say("\n== 3/4 train: Ray Train + DeepSpeed")
+    outputs = train(cfg)
 
-    print("\n== 4/4 evaluate the fine-tuned export", flush=True)
-    after_cfg = cfg.model_copy(deep=True)
-    after_cfg.eval.output_dir = str(eval_dir / "after")
-    after = evaluate(after_cfg, outputs["export"])["overall"]
+    console.say("\n== 4/4 evaluate the fine-tuned export")
+    after = evaluate_as(cfg, outputs["export"], "after")
 
     losses = [r["eval_loss"] for r in read_metrics(run) if "eval_loss" in r]
     before["eval_loss"], after["eval_loss"] = losses[0], losses[-1]
-    print(f"\n{'metric':<28}{'before':>10}{'after':>10}")
+    console.say(f"\n{'metric':<28}{'before':>10}{'after':>10}")
     for label, key in ROWS:
-        print(f"{label:<28}{before.get(key, float('nan')):>10.3f}{after.get(key, float('nan')):>10.3f}")
-    print(f"\nshards:      {cfg.data.shards.dir}\ncheckpoint:  {outputs['checkpoint']}\nexport:      "
-          f"{outputs['export']}\nreports:     {eval_dir}/before, {eval_dir}/after\nW&B offline: {run}/wandb "
-          f"(wandb sync <offline-run dir>)\nmetrics:     {run}/metrics.jsonl")
+        console.say(f"{label:<28}{before.get(key, float('nan')):>10.3f}{after.get(key, float('nan')):>10.3f}")
+    eval_dir = cfg.eval.output_dir
+    console.say(f"\nshards:      {cfg.data.shards.dir}\ncheckpoint:  {outputs['checkpoint']}\nexport:      "
+                f"{outputs['export']}\nreports:     {eval_dir}/before, {eval_dir}/after\nW&B offline: {run}/wandb "
+                f"(wandb sync <offline-run dir>)\nmetrics:     {run}/metrics.jsonl")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with("demo", job_parser(__doc__, default_config="configs/demo-cpu.yaml"), main)

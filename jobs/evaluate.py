@@ -9,34 +9,27 @@ Runs generation as a Ray Data actor pool (eval.num_actors, one GPU each when clu
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 
-from vlmtune.config import ConfigError, load_config
-from vlmtune.data.shards import ShardError
+from vlmtune.cli import announce_config, exit_with, job_parser, load_job_config
+from vlmtune.console import console
 from vlmtune.eval.evaluate import evaluate
-from vlmtune.jobs_common import announce_config, setup_logging
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (default: the built-in CPU demo)")
-    parser.add_argument("--checkpoint", required=True, help="export dir, training checkpoint, hub id or tiny-phi3v")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. eval.max_samples=100")
-    args = parser.parse_args(argv)
-    setup_logging()
-    try:
-        cfg = load_config(args.config, args.overrides)
-        announce_config(cfg, cfg.eval.output_dir, "evaluate")
-        metrics = evaluate(cfg, args.checkpoint)
-    except (ConfigError, ShardError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({"overall": metrics["overall"], "baselines": metrics["baselines"],
-                      "report": cfg.eval.output_dir}, indent=2))
+def main(args) -> int:
+    cfg = load_job_config(args)
+    announce_config(cfg, cfg.eval.output_dir, "evaluate")
+    metrics = evaluate(cfg, args.checkpoint)
+    console.say(json.dumps({"overall": metrics["overall"], "baselines": metrics["baselines"],
+                            "report": cfg.eval.output_dir}, indent=2))
     return 0
 
 
+def parser():
+    p = job_parser(__doc__)
+    p.add_argument("--checkpoint", required=True, help="export dir, training checkpoint, hub id or tiny-phi3v")
+    return p
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with("evaluate", parser(), main)

@@ -8,27 +8,32 @@ stored inside it says which base model and adapters to rebuild.
 
 from __future__ import annotations
 
-import argparse
-import sys
+from pathlib import Path
 
-from vlmtune.config import ExportConfig, load_config
-from vlmtune.jobs_common import setup_logging
-from vlmtune.train.export import export_checkpoint
+from vlmtune import runs
+from vlmtune.cli import exit_with, job_parser
+from vlmtune.console import console
+from vlmtune.export import export_checkpoint
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint")
-    parser.add_argument("out")
-    parser.add_argument("--adapter-only", action="store_true", help="write the PEFT adapter, not merged weights")
-    parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
-    args = parser.parse_args(argv)
-    setup_logging()
-    stored = load_config(f"{args.checkpoint.rstrip('/')}/config.yaml").export
-    export = ExportConfig(merge_lora=stored.merge_lora and not args.adapter_only, dtype=args.dtype or stored.dtype)
-    print(export_checkpoint(args.checkpoint, args.out, export))
+def main(args) -> int:
+    runs.read_trainer_state(args.checkpoint)  # a clear error when this is not a vlmtune checkpoint
+    stored = runs.read_config(args.checkpoint).export
+    console.open_log(str(Path(args.checkpoint).resolve().parent / runs.LOGS))
+    export = stored.model_copy(update={"merge_lora": stored.merge_lora and not args.adapter_only,
+                                       "dtype": args.dtype or stored.dtype})
+    console.say(str(export_checkpoint(args.checkpoint, args.out, export)))
     return 0
 
 
+def parser():
+    p = job_parser(__doc__, config=False)
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    p.add_argument("--adapter-only", action="store_true", help="write the PEFT adapter, not merged weights")
+    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"])
+    return p
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with("export", parser(), main)

@@ -7,45 +7,36 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 
-from vlmtune.config import ConfigError, load_config
-from vlmtune.data.catalog import CatalogError
+from vlmtune.cli import announce_config, exit_with, job_parser, load_job_config
+from vlmtune.console import console
 from vlmtune.data.prepare import prepare
-from vlmtune.data.shards import ShardError
-from vlmtune.jobs_common import announce_config, setup_logging
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML config (default: built-in defaults)")
-    parser.add_argument("--sample", type=int, metavar="N", help="use a synthetic catalog of N products")
-    parser.add_argument("--seed", type=int, help="seed of the synthetic catalog")
-    parser.add_argument("--out", help="shard directory (overrides data.shards.dir)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.shards.samples_per_shard=500")
-    args = parser.parse_args(argv)
-    setup_logging()
-
-    overrides = list(args.overrides)
+def main(args) -> int:
+    extra = []
     if args.sample:
-        overrides += ["data.catalog.source=sample", f"data.catalog.sample_size={args.sample}"]
+        extra += ["data.catalog.source=sample", f"data.catalog.sample_size={args.sample}"]
     if args.seed is not None:
-        overrides.append(f"data.catalog.sample_seed={args.seed}")
+        extra.append(f"data.catalog.sample_seed={args.seed}")
     if args.out:
-        overrides.append(f"data.shards.dir={args.out}")
-    try:
-        cfg = load_config(args.config, overrides)
-        announce_config(cfg, cfg.data.shards.dir, "prepare")
-        manifest = prepare(cfg.data)
-    except (ConfigError, CatalogError, ShardError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps({"shards": cfg.data.shards.dir, **manifest["totals"],
-                      "reject_reasons": manifest["reject_reasons"]}, indent=2, ensure_ascii=False))
+        extra.append(f"data.shards.dir={args.out}")
+    cfg = load_job_config(args, extra)
+    announce_config(cfg, cfg.data.shards.dir, "prepare")
+    manifest = prepare(cfg.data)
+    console.say(json.dumps({"shards": cfg.data.shards.dir, **manifest["totals"],
+                            "reject_reasons": manifest["reject_reasons"]}, indent=2, ensure_ascii=False))
     return 0
 
 
+def parser():
+    p = job_parser(__doc__)
+    p.add_argument("--sample", type=int, metavar="N", help="use a synthetic catalog of N products")
+    p.add_argument("--seed", type=int, help="seed of the synthetic catalog")
+    p.add_argument("--out", help="shard directory (overrides data.shards.dir)")
+    return p
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with("prepare", parser(), main)

@@ -15,6 +15,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from vlmtune.errors import ConfigError
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
@@ -223,10 +225,6 @@ class Config(_Section):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(self.to_yaml())
         return path
-
-
-class ConfigError(ValueError):
-    """A configuration problem, phrased for the person who wrote the file."""
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

@@ -189,3 +189,28 @@ def test_ray_job_submit_to_a_running_cluster(shards, tmp_path):
         assert re.search(r"Job '\S+' succeeded", done.stdout + done.stderr)
     assert (storage / "submitted" / "checkpoint-0000004" / "trainer_state.json").exists()
     assert (storage / "submitted" / "export" / "model.safetensors").exists()
+
+
+def test_an_altered_shard_ends_the_run_with_one_line_and_no_retry(shards, tmp_path):
+    """A flipped byte in a train shard: the worker that verifies it reports the sha256 mismatch, every rank
+    stops, the job prints one `error:` line and exits 2, and Ray does not restart the workers for it."""
+    import shutil
+
+    copy = tmp_path / "shards"
+    shutil.copytree(shards, copy)
+    victim = sorted(copy.glob("train-*.tar"))[1]
+    data = bytearray(victim.read_bytes())
+    data[5000] ^= 0xFF
+    victim.write_bytes(data)
+    runs_dir = tmp_path / "runs"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "jobs/train.py"), "--config", str(REPO / "configs/demo-cpu.yaml"),
+         f"data.shards.dir={copy}", f"cluster.storage_path={runs_dir}", "cluster.run_name=altered",
+         "cluster.max_failures=1", "data.loader.num_workers=0"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "VLMTUNE_LOG": ""})
+    assert done.returncode == 2, done.stdout[-2000:] + done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"shard {victim}" in errors[0] and "sha256" in errors[0]
+    assert "Traceback" not in done.stderr
+    (log,) = (runs_dir / "altered" / "logs").glob("train-*.log")
+    assert log.read_text().count("Started training worker group") == 1  # no restart was spent on it

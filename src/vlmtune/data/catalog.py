@@ -21,13 +21,10 @@ from urllib.parse import urlparse
 
 from vlmtune.config import CatalogConfig
 from vlmtune.data.prompts import parse_amount
+from vlmtune.errors import CatalogError
 
 LOCAL_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl",
                   ".ndjson": "jsonl", ".json": "jsonl"}
-
-
-class CatalogError(ValueError):
-    """The catalog as a whole cannot be read (missing file, missing column, unknown format)."""
 
 
 @dataclass

@@ -10,6 +10,7 @@ question — gets label -100, so the model learns to answer, not to repeat the p
 from __future__ import annotations
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from vlmtune.config import PromptConfig
 from vlmtune.data.prompts import ANSWER_END, answer_text, user_messages
@@ -53,20 +54,14 @@ def collate(samples: list[dict], pad_id: int, padding_side: str = "right") -> di
     The attention mask comes from the true lengths, not from `input_ids != pad_id`: Phi-3's pad id is
     also its end-of-text id, which must stay visible at the end of every target.
     """
-    length = max(len(s["input_ids"]) for s in samples)
-    batch_ids = torch.full((len(samples), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(samples), length), dtype=torch.long)
-    labels = torch.full((len(samples), length), IGNORE_INDEX, dtype=torch.long) if "labels" in samples[0] else None
-    for i, s in enumerate(samples):
-        n = len(s["input_ids"])
-        span = slice(length - n, length) if padding_side == "left" else slice(0, n)
-        batch_ids[i, span] = s["input_ids"]
-        mask[i, span] = 1
-        if labels is not None:
-            labels[i, span] = s["labels"]
-    batch = {"input_ids": batch_ids, "attention_mask": mask,
+
+    def pad(rows: list[torch.Tensor], value: int) -> torch.Tensor:
+        return pad_sequence(rows, batch_first=True, padding_value=value, padding_side=padding_side)
+
+    ids = [s["input_ids"] for s in samples]
+    batch = {"input_ids": pad(ids, pad_id), "attention_mask": pad([torch.ones_like(i) for i in ids], 0),
              "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
              "image_sizes": torch.cat([s["image_sizes"] for s in samples])}
-    if labels is not None:
-        batch["labels"] = labels
+    if "labels" in samples[0]:
+        batch["labels"] = pad([s["labels"] for s in samples], IGNORE_INDEX)
     return batch

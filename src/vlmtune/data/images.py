@@ -20,6 +20,7 @@ from urllib.parse import urlparse
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from vlmtune.config import ImageConfig
+from vlmtune.models.phi3v.image_processing import to_rgb
 
 USER_AGENT = "vlmtune-prepare/0.1 (+https://github.com/vlmtune/vlmtune)"
 RETRIABLE_STATUS = {408, 429, 500, 502, 503, 504}
@@ -84,20 +85,6 @@ def fetch_bytes(source: str, cfg: ImageConfig) -> bytes:
     if size > cfg.max_bytes:
         raise ImageError(f"file of {size} bytes exceeds the {cfg.max_bytes} byte limit (images.max_bytes)")
     return path.read_bytes()
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Palette, alpha, CMYK, grayscale and 16-bit images → RGB; transparency is composited on white."""
-    if image.mode == "P" and "transparency" in image.info:
-        image = image.convert("RGBA")
-    if image.mode in {"RGBA", "LA", "PA"}:
-        rgba = image.convert("RGBA")
-        background = Image.new("RGB", rgba.size, (255, 255, 255))
-        background.paste(rgba, mask=rgba.getchannel("A"))
-        return background
-    if image.mode in {"I;16", "I;16B", "I;16L", "I"}:
-        image = image.point(lambda v: v / 256).convert("L")
-    return image.convert("RGB") if image.mode != "RGB" else image
 
 
 def decode_image(data: bytes, cfg: ImageConfig) -> Image.Image:

@@ -17,10 +17,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from vlmtune import __version__
 from vlmtune.config import DataConfig, ImageConfig
+from vlmtune.console import console
 from vlmtune.data.catalog import CatalogRows, read_catalog
 from vlmtune.data.images import ImageError, load_product_image
 from vlmtune.data.sample import generate_sample_catalog
@@ -28,13 +28,14 @@ from vlmtune.data.shards import (
     SCHEMA_VERSION,
     SPLITS,
     SplitWriter,
-    local_path,
     order_key,
     read_journal,
     split_of,
     write_manifest,
     write_rejects,
 )
+from vlmtune.errors import CatalogError
+from vlmtune.storage import is_local
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def sample_catalog_source(cfg: DataConfig) -> str:
     user's cache when the shards go to remote storage (the images are read locally by the fetch tasks)."""
     n, seed = cfg.catalog.sample_size, cfg.catalog.sample_seed
     base = cfg.shards.dir.rstrip("/")
-    local = Path(base) / "_catalog" if local_path(base) else Path.home() / ".cache/vlmtune" / f"sample-{n}-{seed}"
+    local = Path(base) / "_catalog" if is_local(base) else Path.home() / ".cache/vlmtune" / f"sample-{n}-{seed}"
     csv_path = local / "catalog.csv"
     stamp = local / "generated.json"
     wanted = {"n": n, "seed": seed}
@@ -112,7 +113,7 @@ def prepare(cfg: DataConfig) -> dict:
     out_dir = cfg.shards.dir.rstrip("/")
     rows = read_catalog(cfg.catalog)
     if not rows.records:
-        raise ValueError(f"{cfg.catalog.source}: no usable rows ({len(rows.rejects)} rejected); first reasons: "
+        raise CatalogError(f"{cfg.catalog.source}: no usable rows ({len(rows.rejects)} rejected); first reasons: "
                          + "; ".join(r.reason for r in rows.rejects[:3]))
     splits = _ordered_splits(rows, cfg)
     fingerprint, config_hash = rows.fingerprint(), settings_hash(shard_settings(cfg))
@@ -131,7 +132,7 @@ def prepare(cfg: DataConfig) -> dict:
     ok = False
     counts = {"ok": 0, "rejected": 0}
     try:
-        with tqdm(total=len(todo), desc="prepare", unit="img", disable=not todo, mininterval=2) as bar:
+        with console.progress(total=len(todo), desc="prepare", unit="img", disable=not todo) as bar:
             for record, jpeg, error in _fetch_in_order(todo, cfg) if todo else ():
                 writer = writers[record.pop("split")]
                 if error:

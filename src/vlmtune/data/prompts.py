@@ -55,10 +55,6 @@ class ParsedAnswer:
     def ok(self) -> bool:
         return self.error is None
 
-    @property
-    def category_path(self) -> list[str]:
-        return [p.strip() for p in self.category.split(CATEGORY_SEPARATOR.strip())] if self.category else []
-
 
 _FIELD = re.compile(r"(?i)\b(product|category|full\s*price)\s*:")
 _NUMBER = re.compile(r"[-+]?\d[\d,.\s']*")

@@ -36,6 +36,9 @@ from PIL import Image
 from webdataset import ShardWriter
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from vlmtune.errors import ShardError
+from vlmtune.storage import join, sha256_file, write_atomic
+
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
 SCHEMA_VERSION = 1
@@ -43,34 +46,11 @@ SPLITS = ("train", "val")
 TAR_MTIME = 1_704_067_200  # fixed member timestamps make shards byte-identical across runs
 
 
-class ShardError(RuntimeError):
-    """The shard directory cannot be used: missing manifest, missing or corrupted shard, wrong split."""
-
-
 class SampleSkipped(Exception):
     """Raised by a decode or transform step for one bad sample; the stream counts it and moves on."""
 
 
 # ------------------------------------------------------------------------------------------ writing
-
-
-def local_path(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with fsspec.open(str(path), "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_atomic(fs, path: str, text: str) -> None:
-    """Write `path` whole or not at all: a reader never sees a half-written file (works on object stores)."""
-    with fs.open(path + ".partial", "w") as fh:
-        fh.write(text)
-    fs.mv(path + ".partial", path)
 
 
 def split_of(sample_id: str, val_fraction: float, salt: str) -> str:
@@ -110,6 +90,7 @@ class SplitWriter:
         self.local_tmp.mkdir(parents=True, exist_ok=True)
         self.journal = journal
         self.journal_dir = f"{self.root}/_progress/{split}"
+        self.journal_url = f"{self.out_dir}/_progress/{split}"
         self.header = header
         self.pending_ids: list[str] = []
         self.pending_rejects: list[dict] = []
@@ -138,8 +119,8 @@ class SplitWriter:
     def _record(self, entry: dict) -> None:
         if not self.journal:
             self.fs.makedirs(self.journal_dir, exist_ok=True)
-            write_atomic(self.fs, f"{self.journal_dir}/header.json", json.dumps(self.header))
-        write_atomic(self.fs, f"{self.journal_dir}/{len(self.journal):06d}.json", json.dumps(entry))
+            write_atomic(f"{self.journal_url}/header.json", json.dumps(self.header))
+        write_atomic(f"{self.journal_url}/{len(self.journal):06d}.json", json.dumps(entry))
         self.journal.append(entry)
 
     def write(self, record: dict, jpeg: bytes) -> None:
@@ -196,13 +177,11 @@ def read_journal(out_dir: str, split: str, header: dict) -> list[dict]:
 
 
 def write_manifest(out_dir: str, manifest: dict) -> None:
-    fs, root = fsspec.core.url_to_fs(out_dir.rstrip("/"))
-    write_atomic(fs, f"{root}/{MANIFEST}", json.dumps(manifest, indent=2, ensure_ascii=False))
+    write_atomic(join(out_dir, MANIFEST), json.dumps(manifest, indent=2, ensure_ascii=False))
 
 
 def write_rejects(out_dir: str, rejects: list[dict]) -> None:
-    fs, root = fsspec.core.url_to_fs(out_dir.rstrip("/"))
-    write_atomic(fs, f"{root}/{REJECTS}", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
+    write_atomic(join(out_dir, REJECTS), "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects))
 
 
 # ------------------------------------------------------------------------------------------ reading

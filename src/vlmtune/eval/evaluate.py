@@ -12,15 +12,8 @@ from vlmtune.config import Config
 from vlmtune.data.shards import read_metadata, split_shards
 from vlmtune.eval.predict import predict
 from vlmtune.eval.report import write_report
+from vlmtune.export import resolve_model
 from vlmtune.tracking import Tracker
-
-
-def resolve_model(model: str, out_dir: Path) -> str:
-    if (Path(model) / "trainer_state.json").is_file():
-        from vlmtune.train.export import export_checkpoint
-
-        return str(export_checkpoint(model, out_dir / "model"))
-    return model
 
 
 def evaluate(cfg: Config, model: str) -> dict:

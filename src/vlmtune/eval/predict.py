@@ -22,9 +22,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from vlmtune.config import Config
+from vlmtune.console import console
 from vlmtune.data.collate import SampleEncoder
 from vlmtune.data.prompts import answer_text, parse_answer
 from vlmtune.data.shards import raw_samples, split_shards
@@ -198,7 +198,7 @@ def predict(cfg: Config, model: str, source: str, output: str, split: str = "val
                                                                 "use_gpu": use_gpu},
                         batch_size=cfg.eval.batch_size, compute=ray.data.ActorPoolStrategy(size=cfg.eval.num_actors),
                         num_gpus=1 if use_gpu else 0, num_cpus=1)
-    with tqdm(total=total, initial=min(len(done), total), desc="predict", unit="sample", mininterval=2) as bar:
+    with console.progress(total=total, initial=min(len(done), total), desc="predict", unit="sample") as bar:
         for row in ds.iter_rows():
             writer.add({c: row[c] for c in COLUMNS})
             bar.update()

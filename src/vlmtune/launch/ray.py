@@ -3,29 +3,28 @@
 Ray Train V2 (the default in Ray ≥ 2.51) resumes by itself: calling `fit()` with the same
 `RunConfig(name, storage_path)` picks up the run's latest checkpoint, and `FailureConfig(max_failures)`
 restarts failed workers from it. Everything that can be wrong with the config, the shards or the LoRA
-targets is checked here, before any worker starts.
+targets is checked here, before any worker starts; what only a worker can check (shard checksums, the
+model itself) comes back as the same kind of error (see train/loop.py).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
+from vlmtune import runs, storage
 from vlmtune.config import Config
-from vlmtune.data.shards import load_manifest, local_path, split_shards, verify_shards
-from vlmtune.train.export import default_export_dir, export_checkpoint
+from vlmtune.data.shards import load_manifest, split_shards, verify_shards
+from vlmtune.errors import ModelError, PreflightError, VlmtuneError
+from vlmtune.export import export_checkpoint
 from vlmtune.train.loop import train_loop_per_worker
+from vlmtune.train.progress import ProgressBoard, ProgressView
 
 log = logging.getLogger(__name__)
-
-
-class PreflightError(ValueError):
-    """The run cannot work; raised before any Ray Train worker starts."""
 
 
 def preflight(cfg: Config) -> None:
@@ -48,36 +47,37 @@ def preflight(cfg: Config) -> None:
 
         try:
             skeleton, _ = load(cfg.model.name_or_path, random_init=True, device="meta")
-        except OSError as e:  # no config reachable offline: the workers will report it
+        except (OSError, ModelError) as e:  # no config reachable offline: the workers will report it
             log.warning("could not check LoRA targets before launch: %s", e)
             return
         try:
             apply_lora(skeleton, cfg.model.lora)
-        except ValueError as e:
+        except ModelError as e:
             raise PreflightError(f"model.lora: {e}") from None
     if cfg.train.bf16 and not cfg.cluster.use_gpu:
         log.warning("train.bf16 on CPU works but is slow; fp32 is the usual choice without GPUs")
 
 
-def storage_path(cfg: Config) -> str:
-    path = cfg.cluster.storage_path
-    return str(Path(path).resolve()) if local_path(path) else path
+def resolved_paths(cfg: Config) -> Config:
+    """The config the workers get: local paths made absolute (a Ray worker's working directory differs)."""
+    resolved = cfg.model_copy(deep=True)
+    resolved.cluster.storage_path = storage.resolve(cfg.cluster.storage_path)
+    resolved.data.shards.dir = storage.resolve(cfg.data.shards.dir)
+    if cfg.tracking.dir:
+        resolved.tracking.dir = storage.resolve(cfg.tracking.dir)
+    return resolved
 
 
-def build_trainer(cfg: Config) -> TorchTrainer:
+def build_trainer(cfg: Config, board=None) -> TorchTrainer:
     cluster = cfg.cluster
     resources = {"CPU": cluster.cpus_per_worker}
     if cluster.use_gpu:
         resources["GPU"] = cluster.gpus_per_worker
-    resolved = cfg.model_copy(deep=True)
-    resolved.cluster.storage_path = storage_path(cfg)
-    if local_path(resolved.data.shards.dir):
-        resolved.data.shards.dir = str(Path(resolved.data.shards.dir).resolve())
-    if resolved.tracking.dir and local_path(resolved.tracking.dir):
-        resolved.tracking.dir = str(Path(resolved.tracking.dir).resolve())
+    resolved = resolved_paths(cfg)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": resolved.model_dump(mode="json"), "resume_from": cluster.resume_from},
+        train_loop_config={"config": resolved.model_dump(mode="json"), "resume_from": cluster.resume_from,
+                           "progress": board},
         scaling_config=ray.train.ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -107,13 +107,14 @@ def train(cfg: Config) -> dict:
     """Run (or resume) training; returns where the checkpoint, export and tracking files are."""
     preflight(cfg)
     connect()
-    result = build_trainer(cfg).fit()
+    board = ProgressBoard.remote()
+    with ProgressView(board) as view:
+        result = build_trainer(cfg, board).fit()
+    if view.failure:
+        raise VlmtuneError(view.failure)
     if result.error:
         raise result.error
-    outputs = {"run": f"{storage_path(cfg)}/{cfg.cluster.run_name}", "checkpoint": result.checkpoint.path,
-               "metrics": result.metrics}
+    outputs = {"run": runs.run_dir(cfg), "checkpoint": result.checkpoint.path, "metrics": result.metrics}
     if cfg.export.enabled:
-        out = default_export_dir(cfg)
-        out = str(Path(out).resolve()) if local_path(out) else out
-        outputs["export"] = ray.get(_export_task.remote(result.checkpoint, out))
+        outputs["export"] = ray.get(_export_task.remote(result.checkpoint, runs.export_dir(cfg)))
     return outputs

@@ -8,6 +8,10 @@ One entry point, `load(name_or_path)`, serves every place a model is needed:
 - a directory holding a PEFT adapter: its base model (from `adapter_config.json`) plus the adapter.
 - `random_init=True` with an official id: the real-size architecture from the embedded official config
   with random weights, for GPU benchmarks without downloading 8 GB.
+
+`prepare_model(cfg.model)` is what training (and export, which rebuilds the trained model) calls: `load`,
+then 4-bit quantisation for QLoRA, gradient checkpointing, and LoRA adapters or the full fine-tune freeze
+policy.
 """
 
 from __future__ import annotations
@@ -24,12 +28,14 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from torch import nn
 
+from vlmtune.errors import ModelError
+
 from .phi3v import Phi3VConfig, Phi3VForCausalLM, Phi3VImageProcessor, Phi3VProcessor
 from .phi3v.presets import OFFICIAL_CONFIGS, OFFICIAL_PREPROCESSORS
 from .phi3v.tokenizer import build_tiny_tokenizer
 
 if TYPE_CHECKING:
-    from vlmtune.config import FreezeConfig, LoraConfig
+    from vlmtune.config import FreezeConfig, LoraConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +113,7 @@ def load(
     """
     name = str(name_or_path)
     if quantize_4bit and (name == TINY or random_init):
-        raise ValueError("quantize_4bit (QLoRA) applies to pretrained checkpoints, not random weights")
+        raise ModelError("quantize_4bit (QLoRA) applies to pretrained checkpoints, not random weights")
     options = {"attn_implementation": attn_implementation, "dtype": dtype, "seed": seed, "device": device}
     if name == TINY:
         tokenizer = build_tiny_tokenizer()
@@ -134,10 +140,13 @@ def load(
 
     extra = {"quantization_config": quantization_config(dtype), "device_map": {"": torch.cuda.current_device()}} \
         if quantize_4bit else {}
-    model = Phi3VForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=attn_implementation, **extra)
+    try:
+        model = Phi3VForCausalLM.from_pretrained(name, dtype=dtype, attn_implementation=attn_implementation, **extra)
+        processor = Phi3VProcessor.from_pretrained(name, num_crops=num_crops)
+    except OSError as e:  # not a directory, not on the hub, or the hub is unreachable
+        raise ModelError(f"cannot load model {name!r}: {e}") from e
     if device is not None and not quantize_4bit:
         model.to(device)
-    processor = Phi3VProcessor.from_pretrained(name, num_crops=num_crops)
     processor.image_token_id = model.config.image_token_id  # the model decides which id it reads as a slot
     return model, processor
 
@@ -146,11 +155,11 @@ def quantization_config(compute_dtype: torch.dtype):
     """QLoRA: NF4 with double quantisation for the language model's linear layers; CLIP, the projector and
     lm_head stay in `compute_dtype` (they are small, and the vision tower is sensitive to quantisation)."""
     if not torch.cuda.is_available():
-        raise ValueError("model.lora.quantize_4bit (QLoRA) needs CUDA GPUs (bitsandbytes 4-bit kernels)")
+        raise ModelError("model.lora.quantize_4bit (QLoRA) needs CUDA GPUs (bitsandbytes 4-bit kernels)")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        raise ValueError("model.lora.quantize_4bit needs bitsandbytes: pip install 'vlmtune[qlora]'") from None
+        raise ModelError("model.lora.quantize_4bit needs bitsandbytes: pip install 'vlmtune[qlora]'") from None
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -199,12 +208,32 @@ def _load_adapter(path: Path, **options: Any) -> tuple[PeftModel, Phi3VProcessor
     """
     base = json.loads((path / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
     if not base:
-        raise ValueError(f"{path / ADAPTER_CONFIG} does not name its base model (base_model_name_or_path)")
+        raise ModelError(f"{path / ADAPTER_CONFIG} does not name its base model (base_model_name_or_path)")
     model, processor = load(base, **options)
     model = PeftModel.from_pretrained(model, path)
     if (path / "preprocessor_config.json").is_file():
         processor = Phi3VProcessor.from_pretrained(path, num_crops=options["num_crops"])
         processor.image_token_id = model.config.image_token_id
+    return model, processor
+
+
+def prepare_model(cfg: ModelConfig, dtype: torch.dtype, seed: int = 0, random_init: bool = False,
+                  device: str | torch.device | None = None) -> tuple[nn.Module, Phi3VProcessor]:
+    """The model a run trains: load (4-bit for QLoRA), gradient checkpointing, then LoRA (base frozen) or the
+    full fine-tune freeze policy. Export calls it too, to rebuild exactly what a checkpoint's run trained;
+    benchmarks pass `random_init` for the real-size architecture without its weights."""
+    qlora = cfg.lora.enabled and cfg.lora.quantize_4bit
+    model, processor = load(cfg.name_or_path, num_crops=cfg.num_crops, dtype=dtype, random_init=random_init,
+                            device=device, attn_implementation=cfg.attn_implementation, seed=seed,
+                            quantize_4bit=qlora)
+    if qlora:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif cfg.gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    model = apply_lora(model, cfg.lora) if cfg.lora.enabled else apply_freeze(model, cfg.freeze)
     return model, processor
 
 
@@ -222,20 +251,20 @@ def lora_target_pattern(model: nn.Module, targets: Sequence[str], extra_target_m
     parts = []
     for target in targets:
         if target not in LORA_PRESETS:
-            raise ValueError(f"unknown LoRA target preset {target!r}; known: {sorted(LORA_PRESETS)}")
+            raise ModelError(f"unknown LoRA target preset {target!r}; known: {sorted(LORA_PRESETS)}")
         pattern = LORA_PRESETS[target]
         if target == "vision_tower":
             pattern = pattern.format(layers="|".join(map(str, range(vision_tower(model).num_layers_used))))
         if not any(re.fullmatch(pattern, name) for name in linear):
-            raise ValueError(f"LoRA target preset {target!r} matches no linear layer of {type(model).__name__}")
+            raise ModelError(f"LoRA target preset {target!r} matches no linear layer of {type(model).__name__}")
         parts.append(pattern)
     for raw in extra_target_modules:
         pattern = rf"(?:.*\.)?{re.escape(raw)}"
         if not any(re.fullmatch(pattern, name) for name in names):
-            raise ValueError(f"LoRA extra target module {raw!r} matches no module of {type(model).__name__}")
+            raise ModelError(f"LoRA extra target module {raw!r} matches no module of {type(model).__name__}")
         parts.append(pattern)
     if not parts:
-        raise ValueError("no LoRA targets: set targets or extra_target_modules")
+        raise ModelError("no LoRA targets: set targets or extra_target_modules")
     return "|".join(f"(?:{p})" for p in parts)
 
 

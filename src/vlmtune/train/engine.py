@@ -64,7 +64,9 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_engine(model: torch.nn.Module, train: TrainConfig, world_size: int, on_gpu: bool):
-    """`deepspeed.initialize` with our optimizer and schedule; the engine steps the schedule itself."""
+    """`deepspeed.initialize` with our optimizer and schedule, on the process group Ray Train created (NCCL on
+    GPUs, gloo on CPUs); the engine steps the schedule itself."""
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     groups = parameter_groups(model, train.weight_decay)
     optimizer = None
     if not train.offload_optimizer:

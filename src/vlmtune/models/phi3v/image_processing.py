@@ -58,12 +58,16 @@ def num_image_tokens(padded_h: int, padded_w: int, tile: int, tokens_per_side: i
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, compositing transparency onto white (catalog PNGs often have transparent backgrounds)."""
+    """Any PIL mode → RGB. Transparency (alpha, or a palette's transparent colour) is composited onto white,
+    as catalog PNGs with transparent backgrounds are meant to be seen; the official processor instead drops
+    the alpha channel, which turns those backgrounds black. 16-bit grayscale is scaled down, not clipped."""
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
+    if image.mode in {"I;16", "I;16B", "I;16L", "I"}:
+        image = image.point(lambda v: v / 256).convert("L")
+    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 class Phi3VImageProcessor(BaseImageProcessor):

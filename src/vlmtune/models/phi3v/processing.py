@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from torch.nn.utils.rnn import pad_sequence
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 from transformers.utils import cached_file
 
@@ -122,14 +123,11 @@ class Phi3VProcessor:
     def _pad(self, rows: list[list[int]], side: str) -> dict[str, torch.Tensor]:
         if side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
-        length = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), length), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        for i, row in enumerate(rows):
-            span = slice(length - len(row), length) if side == "left" else slice(0, len(row))
-            input_ids[i, span] = torch.tensor(row, dtype=torch.long)
-            attention_mask[i, span] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask}
+        ids = [torch.tensor(row, dtype=torch.long) for row in rows]
+        return {"input_ids": pad_sequence(ids, batch_first=True, padding_value=self.tokenizer.pad_token_id,
+                                          padding_side=side),
+                "attention_mask": pad_sequence([torch.ones_like(i) for i in ids], batch_first=True,
+                                               padding_side=side)}
 
     def apply_chat_template(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """The prompt string for `messages` ([{"role": ..., "content": ...}]); pass it to `__call__`."""

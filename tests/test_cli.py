@@ -1,0 +1,82 @@
+"""The job runner: one `error: …` line and exit 2 for expected failures, a traceback for bugs, and a quiet
+console with everything else in the log file (all through real subprocesses, as users run jobs)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, cwd: Path = REPO, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, timeout=300,
+                          env={**os.environ, "VLMTUNE_LOG": "", **(env or {})})
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["jobs/export.py", "no-such-checkpoint", "out"], "error: no-such-checkpoint is not a vlmtune checkpoint"),
+    (["jobs/inspect_shards.py", "no-such-dir"], "error: no manifest.json in no-such-dir"),
+    (["jobs/prepare_data.py", "data.catalog.source=missing.csv"], "error: catalog file not found: missing.csv"),
+    (["jobs/train.py", "train.max_stesp=3"], "did you mean 'train.max_steps'?"),
+], ids=["export", "inspect", "prepare", "train-config"])
+def test_expected_failures_are_one_line_and_exit_2(tmp_path, args, message):
+    done = run(str(REPO / args[0]), *args[1:], cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.startswith("error: ")
+
+
+SCRIPT = textwrap.dedent("""
+    import logging, os, sys
+    from vlmtune.cli import exit_with, job_parser
+    from vlmtune.console import console
+
+    def main(args):
+        console.open_log(sys.argv[-1])
+        logging.getLogger("somelib").info("library chatter")
+        logging.getLogger("somelib").warning("library warning")
+        os.write(2, b"C++ line on fd 2\\n")
+        print("a stray print")
+        logging.getLogger("vlmtune.job").info("stage header")
+        console.say("the result")
+        if os.environ.get("BUG"):
+            raise RuntimeError("a bug")
+        return 0
+
+    parser = job_parser(None, config=False)
+    parser.add_argument("logdir")
+    exit_with("probe", parser, main)
+""")
+
+
+def test_console_shows_vlmtune_and_results_the_log_keeps_the_rest(tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(SCRIPT)
+    done = run(str(script), str(tmp_path / "logs"))
+    assert done.returncode == 0, done.stderr
+    console = done.stdout + done.stderr
+    assert "stage header" in console and "the result" in console
+    for noise in ("library chatter", "library warning", "C++ line", "a stray print"):
+        assert noise not in console
+    (log,) = (tmp_path / "logs").glob("probe-*.log")
+    assert f"log: {log}" in console
+    text = log.read_text()
+    assert all(line in text for line in ("library chatter", "library warning", "C++ line", "a stray print"))
+
+    verbose = run(str(script), "--verbose", str(tmp_path / "logs-verbose"))
+    assert all(line in verbose.stdout + verbose.stderr for line in ("library chatter", "C++ line", "a stray print"))
+    assert not (tmp_path / "logs-verbose").exists()
+
+
+def test_a_bug_keeps_its_traceback_and_exits_1(tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(SCRIPT)
+    done = run(str(script), str(tmp_path / "logs"), env={"BUG": "1"})
+    assert done.returncode == 1
+    assert "Traceback" in done.stderr and "RuntimeError: a bug" in done.stderr
