@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -47,8 +48,9 @@ def kubectl() -> str:
 
 
 def kustomize(directory: Path) -> list[dict]:
-    """The objects `kubectl kustomize DIRECTORY` prints, in its order."""
-    res = subprocess.run([kubectl(), "kustomize", str(directory)], capture_output=True, text=True, timeout=60)
+    """The objects `kubectl kustomize DIRECTORY` prints, in its order (offline: no cluster is contacted)."""
+    res = subprocess.run([kubectl(), "kustomize", str(directory)], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "KUBECONFIG": os.devnull})
     if res.returncode != 0:
         raise RenderError(f"kubectl kustomize {directory} failed: {res.stderr.strip()}")
     return [d for d in yaml.safe_load_all(res.stdout) if d is not None]
