@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 STAMP := $(VENV)/.installed
 DEMO_CONFIG ?= configs/demo-cpu.yaml
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench k8s clean
 
 install: $(STAMP)
 
@@ -31,6 +31,11 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests jobs bench
+
+# k8s/*.yaml from k8s/kustomize/ (kustomize, then the comments of the sources put back); tests/infra/test_k8s.py
+# fails while the committed files differ from this render.
+k8s: $(STAMP)
+	$(BIN)/python -m tests.infra.k8s_render
 
 bench: $(STAMP)
 	$(BIN)/python bench/loader.py

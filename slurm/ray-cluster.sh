@@ -1,6 +1,7 @@
 # shellcheck shell=bash
 # Ray on the nodes of the current Slurm job, then one driver against it. Sourced by slurm/train.sh and
-# slurm/prepare.sh; call `vlmtune_ray_job MODE jobs/<script>.py --config CONFIG [key=value ...]`.
+# slurm/prepare.sh: `vlmtune_config_args SCRIPT DEFAULT_CONFIG "$@"` resolves the job's config from the
+# script's arguments, then `vlmtune_ray_job MODE jobs/<script>.py --config CONFIG [key=value ...]`:
 #
 #   1. one `ray start --head --block` step on the first node, one `ray start --address --block` step on
 #      every other node (srun, one task per node, the job's CPUs/GPUs per node);
@@ -31,6 +32,38 @@ _vlmtune_die() { printf '[vlmtune] error: %s\n' "$*" >&2; exit 1; }
 _VLMTUNE_STEP_PIDS=()
 _VLMTUNE_STEP_NAMES=()
 _VLMTUNE_DRIVER_PID=""
+
+# vlmtune_config_args SCRIPT DEFAULT_CONFIG [CONFIG] [section.key=value ...]
+# The config and overrides of a job from its script's arguments: CONFIG is the first argument unless that
+# one is an override (has a `=`); without it, DEFAULT_CONFIG. Sets VLMTUNE_CONFIG and VLMTUNE_OVERRIDES and
+# logs the config it resolved; outside a container a missing config fails here, before Ray starts.
+vlmtune_config_args() {
+    local script=$1 default=$2; shift 2
+    local usage="usage: sbatch [sbatch options] slurm/$script [CONFIG] [section.key=value ...]   (default CONFIG: $default)"
+    case ${1:-} in
+        -h | --help) echo "$usage"; exit 0 ;;
+        -*) echo "$usage" >&2; exit 2 ;;
+    esac
+    local how="from the arguments"
+    if [[ $# -gt 0 && $1 != *=* ]]; then
+        VLMTUNE_CONFIG=$1
+        shift
+    else
+        VLMTUNE_CONFIG=$default
+        how="the default: no CONFIG argument"
+    fi
+    VLMTUNE_OVERRIDES=("$@")
+    local shown=$VLMTUNE_CONFIG
+    if [[ -n ${VLMTUNE_CONTAINER_IMAGE:-}${VLMTUNE_APPTAINER_IMAGE:-} ]]; then
+        how+="; a path inside the container, from ${VLMTUNE_WORKDIR:-/app}"
+    else
+        local base=${VLMTUNE_WORKDIR:-$PWD}
+        [[ $shown == /* ]] || shown=$base/$shown
+        [[ -f $shown ]] || _vlmtune_die "config $VLMTUNE_CONFIG not found (relative paths start at $base)"
+    fi
+    _vlmtune_log "config: $shown ($how)"
+    _vlmtune_log "overrides: ${VLMTUNE_OVERRIDES[*]:-none}"
+}
 
 # How commands run on the nodes: a venv on PATH, a pyxis container, or an apptainer image.
 _vlmtune_setup_runtime() {
@@ -110,7 +143,8 @@ _vlmtune_cleanup() {
     exit "$rc"
 }
 
-# The readiness check and config pre-flight, run with the job's Python on the head node.
+# The readiness check and config pre-flight, run with the job's Python on the head node. Exit code 3: the
+# cluster is up but the config was rejected (invalid, or too big for the allocation).
 # shellcheck disable=SC2016
 _VLMTUNE_READY_PY='
 import os, sys, time
@@ -146,14 +180,17 @@ if mode == "train":
     try:
         c = load_config(path, overrides).cluster
     except ConfigError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(3)
     need_cpus = c.num_workers * c.cpus_per_worker
     need_gpus = c.num_workers * c.gpus_per_worker if c.use_gpu else 0.0
     print(f"training needs {c.num_workers} workers: {need_cpus:g} CPUs, {need_gpus:g} GPUs", flush=True)
     if need_gpus > gpus or need_cpus > cpus:
-        sys.exit(f"error: cluster.num_workers={c.num_workers} x (cpus_per_worker={c.cpus_per_worker:g}, "
-                 f"gpus_per_worker={c.gpus_per_worker:g}, use_gpu={c.use_gpu}) does not fit {cpus:g} CPUs / "
-                 f"{gpus:g} GPUs: change the config or the sbatch --nodes/--gpus-per-node/--cpus-per-task")
+        print(f"error: cluster.num_workers={c.num_workers} x (cpus_per_worker={c.cpus_per_worker:g}, "
+              f"gpus_per_worker={c.gpus_per_worker:g}, use_gpu={c.use_gpu}) does not fit {cpus:g} CPUs / "
+              f"{gpus:g} GPUs: change the config or the sbatch --nodes/--gpus-per-node/--cpus-per-task",
+              file=sys.stderr)
+        sys.exit(3)
     if c.use_gpu and need_gpus < gpus:
         print(f"warning: {gpus - need_gpus:g} of {gpus:g} GPUs stay idle (cluster.num_workers={c.num_workers})", flush=True)
 '
@@ -230,7 +267,13 @@ vlmtune_ray_job() {
 
     _vlmtune_on "$head" --overlap -- python -c "$_VLMTUNE_READY_PY" "$n" "$((n * gpus))" \
         "$((deadline > SECONDS ? deadline - SECONDS : 1))" "$mode" "$@" &
-    _vlmtune_wait_alive $! || _vlmtune_die "the Ray cluster did not come up (see above)"
+    local ready=0
+    _vlmtune_wait_alive $! || ready=$?
+    if ((ready == 3)); then
+        _vlmtune_die "the config was rejected before training started (see above)"
+    elif ((ready != 0)); then
+        _vlmtune_die "the Ray cluster did not come up (see above)"
+    fi
 
     _vlmtune_log "running: python $*"
     _vlmtune_on "$head" --overlap -- python "$@" &

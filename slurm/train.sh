@@ -1,12 +1,16 @@
 #!/bin/bash
-# Fine-tune on a multi-node Slurm allocation: a Ray cluster across the nodes, then jobs/train.py on it.
+# Fine-tune on a Slurm allocation of one node or more: a Ray cluster across them, then jobs/train.py on it.
 #
-#   sbatch slurm/train.sh CONFIG [section.key=value ...]
-#   sbatch --nodes=4 --gpus-per-node=8 slurm/train.sh configs/phi3v-burberry-lora.yaml cluster.num_workers=32
+#   sbatch slurm/train.sh                          # the default recipe, configs/phi3v-burberry-lora.yaml
+#   sbatch slurm/train.sh [CONFIG] [section.key=value ...]
+#   sbatch --nodes=4 slurm/train.sh configs/phi3v-burberry-lora.yaml cluster.num_workers=32
 #
-# Submit from the repository root (the job runs there; relative paths resolve against it). Every #SBATCH
-# line below is a default: options on the sbatch command line win. Ray Train needs one GPU per worker:
-# keep cluster.num_workers x cluster.gpus_per_worker <= nodes x gpus-per-node (checked before training).
+# The job log starts with the config it resolved (`config: <path>`) and the overrides. Without a CONFIG
+# (no argument, or overrides only) it is configs/phi3v-burberry-lora.yaml: 8 GPU workers, which is what the
+# #SBATCH defaults below allocate (1 node, 8 GPUs, 64 CPUs). Submit from the repository root (the job runs
+# there; relative paths resolve against it). Every #SBATCH line is a default: options on the sbatch command
+# line win. Ray Train needs one GPU per worker: keep cluster.num_workers x cluster.gpus_per_worker <=
+# nodes x gpus-per-node (checked before training, as are the CPUs).
 # cluster.storage_path must be on storage every node sees (NFS/Lustre/GPFS or s3://): checkpoints,
 # the resolved config and the export land in <storage_path>/<run_name>/. Submitting again with the same
 # run_name and storage_path resumes from the latest checkpoint.
@@ -23,10 +27,10 @@
 #   storage paths that exist inside it (image paths or mounted shared storage).
 #
 #SBATCH --job-name=vlmtune-train
-#SBATCH --nodes=2
+#SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
-#SBATCH --cpus-per-task=32
+#SBATCH --cpus-per-task=64
 #SBATCH --exclusive
 #SBATCH --time=24:00:00
 #SBATCH --output=slurm-%x-%j.out
@@ -45,14 +49,9 @@ set -euo pipefail
 # export VLMTUNE_IFACE=ib0                   # Ray node IPs from this interface (when hostnames resolve to 127.0.1.1)
 # export HF_HOME=/shared/cache/huggingface   # one model download for all nodes
 
-if [[ $# -lt 1 || $1 == -* ]]; then
-    echo "usage: sbatch [sbatch options] slurm/train.sh CONFIG [section.key=value ...]" >&2
-    exit 2
-fi
-config=$1; shift
-
 cd "${SLURM_SUBMIT_DIR:-$PWD}"
 # shellcheck source=slurm/ray-cluster.sh
 source "${VLMTUNE_SLURM_DIR:-${SLURM_SUBMIT_DIR:-$PWD}/slurm}/ray-cluster.sh"
 
-vlmtune_ray_job train jobs/train.py --config "$config" "$@"
+vlmtune_config_args train.sh configs/phi3v-burberry-lora.yaml "$@"
+vlmtune_ray_job train jobs/train.py --config "$VLMTUNE_CONFIG" "${VLMTUNE_OVERRIDES[@]}"

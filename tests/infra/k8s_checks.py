@@ -1,5 +1,8 @@
-"""Offline checks of the rendered k8s/ manifests, each returning a list of errors (empty = passes).
+"""Offline checks of the k8s/ manifests, each returning a list of errors (empty = passes).
 
+- kubectl_load: the objects `kubectl apply -f DIR` would send, in its order, read by kubectl's own loader.
+- object_errors: one object as the API server would take it: a known built-in or KubeRay kind, valid
+  against its schema (crd_errors or core_errors) and KubeRay's rules (operator_errors).
 - crd_errors: RayJob/RayCluster against KubeRay's CRD openAPIV3Schema, strict like `kubectl apply`'s
   server-side field validation: unknown fields are errors, int32/int64 ranges, list-map key uniqueness,
   nullable. Fields guarded by CEL rules (x-kubernetes-validations) cannot be evaluated offline and are
@@ -8,8 +11,8 @@
   controllers/ray/utils/validation.go): names, submissionMode, replicas, runtimeEnvYAML, TTL, auth.
 - core_errors: built-in kinds (and every pod template inside the RayJobs) against the Kubernetes
   OpenAPI schemas shipped with kubernetes-validate, strict.
-- wiring_errors: that the pieces fit together: config path, image, GPUs vs the vlmtune config, storage,
-  secrets, security context.
+- wiring_errors: that the pieces fit together: namespace, entrypoint commands and config path, ConfigMaps
+  and volume claims, image, GPUs vs the vlmtune config, deadlines, storage, secrets, security context.
 
 Schemas come from ../shared/k8s/crds next to the repository when present, else from the vendored
 tests/infra/data/kuberay-crd-schemas.json.gz (regenerate: python -m tests.infra.k8s_checks --vendor DIR).
@@ -21,7 +24,10 @@ import argparse
 import copy
 import gzip
 import json
+import os
 import re
+import shlex
+import subprocess
 from collections.abc import Iterator
 from functools import cache
 from pathlib import Path
@@ -32,6 +38,8 @@ import kubernetes_validate
 import yaml
 
 from vlmtune.config import Config
+
+from .k8s_render import kubectl
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED_CRDS = REPO.parent / "shared" / "k8s" / "crds"
@@ -46,6 +54,44 @@ MAX_RAYCLUSTER_NAME = 53
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
 DNS1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE)
+# Kinds that live outside namespaces (the ones a deployment of vlmtune could plausibly contain).
+CLUSTER_SCOPED = {"Namespace", "PersistentVolume", "StorageClass", "ClusterRole", "ClusterRoleBinding",
+                  "PriorityClass", "CustomResourceDefinition"}
+
+
+# ------------------------------------------------------------------------------ kubectl apply -f loading
+
+
+class KubectlError(RuntimeError):
+    pass
+
+
+NOOP_LABEL = "vlmtune.io/not-a-label"
+
+
+def kubectl_load(directory: Path) -> list[dict]:
+    """The objects `kubectl apply -f DIRECTORY` would send, in the order it would send them.
+
+    This is kubectl's own file loader (the -f handling all kubectl commands share: the *.json, *.yaml and
+    *.yml files directly in the folder, in name order, split into documents, parsed as kubectl parses
+    YAML), run offline: `kubectl label --local` needs no API server, unlike `apply --dry-run=client`. It
+    removes a label no object has, so objects come back as loaded (an empty labels map added where there
+    was none is dropped here). A file kubectl cannot load (no kind, bad YAML) raises KubectlError with
+    kubectl's message. KUBECONFIG points nowhere: no cluster is ever contacted."""
+    res = subprocess.run([kubectl(), "label", "--local", "-f", str(directory), "-o", "json", f"{NOOP_LABEL}-"],
+                         capture_output=True, text=True, timeout=60, env={**os.environ, "KUBECONFIG": os.devnull})
+    if res.returncode != 0:
+        raise KubectlError(res.stderr.strip() or res.stdout.strip())
+    text, decoder, objs, i = res.stdout, json.JSONDecoder(), [], 0
+    while True:  # one JSON object per loaded document, separated by newlines
+        i = len(text) - len(text[i:].lstrip())
+        if i == len(text):
+            break
+        obj, i = decoder.raw_decode(text, i)
+        if obj.get("metadata", {}).get("labels") == {}:
+            del obj["metadata"]["labels"]
+        objs.append(obj)
+    return objs
 
 
 # ------------------------------------------------------------------------------------------ CRD schemas
@@ -297,8 +343,15 @@ def core_errors(obj: dict) -> list[str]:
                 errors.append(f"{where} (Kubernetes {version}): {'.'.join(map(str, e.path))}: {e.message[:300]}")
             except kubernetes_validate.SchemaNotFoundError:
                 kind = f"{target.get('apiVersion')}/{target['kind']}"
-                errors.append(f"{where}: no Kubernetes {version} schema for {kind}")
+                errors.append(f"{where}: {kind} is neither a Kubernetes {version} nor a KubeRay kind")
     return errors
+
+
+def object_errors(obj: dict) -> list[str]:
+    """What the API server (with KubeRay's CRDs) and KubeRay's operator would reject in one object."""
+    if obj.get("kind") in CRD_FILES:
+        return crd_errors(obj) + core_errors(obj) + operator_errors(obj)
+    return core_errors(obj)
 
 
 # --------------------------------------------------------------------------------------------- wiring
@@ -318,13 +371,60 @@ def _quantity(value: Any) -> float:
     return float(text)
 
 
-def config_of(objs: list[dict], rayjob: dict) -> tuple[str, dict | None, str | None, list[str]]:
-    """(config path from the entrypoint, the ConfigMap it is read from, its key, errors)."""
-    errors: list[str] = []
-    m = re.search(r"--config[= ](\S+)", rayjob.get("spec", {}).get("entrypoint", ""))
-    if not m:
-        return "", None, None, ["entrypoint has no --config PATH"]
-    path = m.group(1)
+def entrypoint_commands(entrypoint: str) -> tuple[list[list[str]], list[str]]:
+    """(the commands a RayJob's entrypoint runs, in order; errors).
+
+    KubeRay pastes the entrypoint unquoted into the submitter's bash command line (`ray job submit ... --
+    <entrypoint> ; fi ; ray job logs ...`), so a shell operator outside quotes would end `ray job submit`
+    there and run the rest in the submitter pod. Several commands therefore go in one quoted
+    `bash -c '<command> && <command>'`; Ray quotes it again for the head's shell (shlex.join)."""
+    def words(text: str) -> list[str]:
+        lex = shlex.shlex(text, posix=True, punctuation_chars=True)
+        lex.whitespace_split = True
+        return list(lex)
+
+    def is_operator(word: str) -> bool:
+        return bool(word) and set(word) <= set("();<>|&")
+
+    try:
+        outer = words(entrypoint)
+    except ValueError as e:
+        return [], [f"entrypoint does not parse as a shell command line: {e}"]
+    if not outer:
+        return [], ["entrypoint is empty"]
+    if ops := [w for w in outer if is_operator(w)]:
+        return [], [f"entrypoint has shell operators {ops} outside quotes: KubeRay puts it unquoted into the "
+                    "submitter's `ray job submit` command line, so they would act in the submitter pod; "
+                    "wrap several commands in one bash -c '... && ...'"]
+    if outer[0] not in ("bash", "sh") or outer[1:2] != ["-c"]:
+        return [outer], []
+    if len(outer) != 3:
+        return [], [f"entrypoint {outer[0]} -c takes exactly one quoted script, got {outer[2:]}"]
+    commands: list[list[str]] = [[]]
+    for word in words(outer[2]):
+        if word == "&&":
+            commands.append([])
+        elif is_operator(word):
+            return [], [f"entrypoint script: only `&&` chains commands (each runs if the previous one "
+                        f"succeeded), found {word!r}"]
+        else:
+            commands[-1].append(word)
+    if not all(commands):
+        return [], ["entrypoint script has an empty command around `&&`"]
+    return commands, []
+
+
+def config_path(command: list[str]) -> str | None:
+    for i, word in enumerate(command):
+        if word == "--config" and i + 1 < len(command):
+            return command[i + 1]
+        if word.startswith("--config="):
+            return word.split("=", 1)[1]
+    return None
+
+
+def config_of(objs: list[dict], rayjob: dict, path: str) -> tuple[dict | None, str | None, list[str]]:
+    """(the ConfigMap a config path of the entrypoint is read from, its key, errors)."""
     head = rayjob["spec"].get("rayClusterSpec", {}).get("headGroupSpec", {}).get("template", {})
     volumes = {v["name"]: v for v in head.get("spec", {}).get("volumes", [])}
     for container in head.get("spec", {}).get("containers", [])[:1]:
@@ -338,11 +438,11 @@ def config_of(objs: list[dict], rayjob: dict) -> tuple[str, dict | None, str | N
                 name = volume["configMap"]["name"]
                 cms = [o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"] == name]
                 if not cms:
-                    return path, None, key, [f"ConfigMap {name} (mounted at {mount['mountPath']}) is not in the output"]
+                    return None, key, [f"ConfigMap {name} (mounted at {mount['mountPath']}) is not in the manifests"]
                 if key not in cms[0].get("data", {}):
-                    return path, cms[0], key, [f"ConfigMap {name} has no key {key!r} for {path}"]
-                return path, cms[0], key, errors
-    return path, None, None, [f"entrypoint config {path} is not inside a ConfigMap mount of the head container"]
+                    return cms[0], key, [f"ConfigMap {name} has no key {key!r} for {path}"]
+                return cms[0], key, []
+    return None, None, [f"entrypoint config {path} is not inside a ConfigMap mount of the head container"]
 
 
 def _mount_covers(container: dict, volumes: dict, path: str, claim: str) -> bool:
@@ -370,9 +470,36 @@ def dockerfile_facts() -> dict[str, str]:
     return facts
 
 
+def image_errors(image: str) -> list[str]:
+    """A pullable, pinned image: registry/repository:tag or @sha256 digest. A bare name is what the kustomize
+    source holds (`vlmtune`, rewritten by its `images:`): left in manifests that are applied as they are,
+    the nodes would try docker.io/library/vlmtune."""
+    name, _, digest = image.partition("@")
+    last = name.rsplit("/", 1)[-1]
+    repo, tag = (name.rsplit(":", 1) if ":" in last else (name, ""))
+    if "/" not in repo:
+        return [f"image {image!r} names no registry or repository (the kustomize placeholder, not rendered?)"]
+    if not digest and tag in ("", "latest"):
+        return [f"image {image!r} is not pinned to a tag or digest: nodes could run different builds"]
+    return []
+
+
+def namespace_errors(objs: list[dict]) -> list[str]:
+    """One namespace for everything, created by these manifests, or `kubectl apply -f` stops on it."""
+    created = {o["metadata"]["name"] for o in objs if o["kind"] == "Namespace"}
+    used = {o["metadata"].get("namespace") for o in objs if o["kind"] not in CLUSTER_SCOPED}
+    if len(used) != 1 or None in used:
+        return [f"namespaced objects must all name the same namespace, found {sorted(map(str, used))}"]
+    if not used <= created:
+        return [f"namespace {used.pop()} is not created by these manifests (kubectl apply -f would fail: "
+                "namespaces not found)"]
+    return []
+
+
 def wiring_errors(objs: list[dict]) -> list[str]:
-    errors: list[str] = []
+    errors: list[str] = namespace_errors(objs)
     pvcs = {o["metadata"]["name"]: o for o in objs if o["kind"] == "PersistentVolumeClaim"}
+    configmaps = {o["metadata"]["name"] for o in objs if o["kind"] == "ConfigMap"}
     for o in objs:
         if o["kind"] == "Secret" and (o.get("data") or o.get("stringData")):
             errors.append(f"Secret {o['metadata']['name']} carries values in the manifests")
@@ -383,17 +510,31 @@ def wiring_errors(objs: list[dict]) -> list[str]:
     for job in (o for o in objs if o["kind"] == "RayJob"):
         jname = job["metadata"]["name"]
         spec = job["spec"]
-        path, cm, key, errs = config_of(objs, job)
+        commands, errs = entrypoint_commands(spec.get("entrypoint", ""))
         errors += [f"{jname}: {e}" for e in errs]
-        script = spec.get("entrypoint", "").split()[1:2]
-        if not script or not (REPO / script[0]).is_file():
-            errors.append(f"{jname}: entrypoint script {script} is not in the repository")
-        cfg = None
-        if cm is not None and key in cm.get("data", {}):
-            try:
-                cfg = Config.model_validate(yaml.safe_load(cm["data"][key]))
-            except Exception as e:  # pydantic or YAML: either way the job would die at start
-                errors.append(f"{jname}: {path} is not a valid vlmtune config: {str(e)[:300]}")
+        cfgs: dict[str, Config] = {}  # script -> the config it runs with
+        for cmd in commands:
+            if cmd[0] != "python" or len(cmd) < 2:
+                errors.append(f"{jname}: entrypoint runs {shlex.join(cmd)!r}, not python jobs/<job>.py --config ...")
+                continue
+            script, path = cmd[1], config_path(cmd)
+            if not (REPO / script).is_file():
+                errors.append(f"{jname}: entrypoint script {script} is not in the repository")
+            if path is None:
+                errors.append(f"{jname}: entrypoint {script} has no --config PATH")
+                continue
+            cm, key, errs = config_of(objs, job, path)
+            errors += [f"{jname}: {e}" for e in errs]
+            if cm is not None and key in cm.get("data", {}):
+                try:
+                    cfgs[script] = Config.model_validate(yaml.safe_load(cm["data"][key]))
+                except Exception as e:  # pydantic or YAML: either way the job would die at start
+                    errors.append(f"{jname}: {path} is not a valid vlmtune config: {str(e)[:300]}")
+        for key, why in (("preRunningDeadlineSeconds", "pods that cannot start (no GPU nodes, unbound volume, "
+                                                       "image not found) would hold the job forever"),
+                         ("activeDeadlineSeconds", "a hung run would hold the GPUs forever")):
+            if not spec.get(key):
+                errors.append(f"{jname}: no {key}: {why}")
         cluster = spec.get("rayClusterSpec", {})
         if cluster.get("rayVersion") != image.get("RAY_VERSION"):
             errors.append(f"{jname}: rayVersion {cluster.get('rayVersion')} != the image's Ray "
@@ -407,6 +548,11 @@ def wiring_errors(objs: list[dict]) -> list[str]:
                 errors.append(f"{jname} {where}: pod must run as non-root (runAsNonRoot, runAsUser != 0)")
             if str(security.get("runAsUser")) != uid:
                 errors.append(f"{jname} {where}: runAsUser {security.get('runAsUser')} != the image's USER {uid}")
+            for v in volumes.values():
+                ref = v.get("configMap", {})
+                if ref and not ref.get("optional") and ref.get("name") not in configmaps:
+                    errors.append(f"{jname} {where}: volume {v['name']} mounts ConfigMap {ref.get('name')}, which is "
+                                  "not in the manifests (the pod would wait in ContainerCreating)")
             for c in _containers(template):
                 images.add(c.get("image"))
                 res = c.get("resources", {})
@@ -442,10 +588,10 @@ def wiring_errors(objs: list[dict]) -> list[str]:
                 for claim in claims:
                     pvc = pvcs.get(claim)
                     if pvc is None:
-                        errors.append(f"{jname} {where}: PVC {claim} is not in the output")
+                        errors.append(f"{jname} {where}: PVC {claim} is not in the manifests")
                     elif "ReadWriteMany" not in pvc["spec"].get("accessModes", []):
                         errors.append(f"{jname}: PVC {claim} must be ReadWriteMany (head and workers write)")
-                if cfg is not None:
+                for cfg in cfgs.values():
                     for label, p in (("cluster.storage_path", cfg.cluster.storage_path),
                                      ("data.shards.dir", cfg.data.shards.dir)):
                         if "://" not in p and not any(_mount_covers(c, volumes, p, cl) for cl in claims):
@@ -461,7 +607,7 @@ def wiring_errors(objs: list[dict]) -> list[str]:
                 limits = c.get("resources", {}).get("limits", {})
                 gpus_total += replicas * _quantity(limits.get("nvidia.com/gpu", 0))
                 pod_cpus.append((name, _quantity(limits.get("cpu", 0)), _quantity(limits.get("nvidia.com/gpu", 0))))
-        if cfg is not None and job["metadata"].get("labels", {}).get("vlmtune.io/step") == "train":
+        if (cfg := cfgs.get("jobs/train.py")) is not None:
             c = cfg.cluster
             want = c.num_workers * c.gpus_per_worker if c.use_gpu else 0
             if gpus_total != want:
@@ -474,7 +620,8 @@ def wiring_errors(objs: list[dict]) -> list[str]:
                                   f"the pod's {cpus:g} CPUs")
     if len(images) > 1:
         errors.append(f"containers use different images: {sorted(map(str, images))}")
-    return errors
+    errors += [e for i in sorted(map(str, images)) for e in image_errors(i)]
+    return list(dict.fromkeys(errors))  # one config read by several commands: each error once
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from vlmtune.config import load_config
 from .slurm_cluster import SlurmCluster, free_ports, missing_requirements
 
 REPO = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = "configs/phi3v-burberry-lora.yaml"  # what slurm/train.sh runs without a CONFIG (README)
 NODES = ("n1", "n2")
 CPUS_PER_NODE = 2
 # Small enough for a CPU box, big enough that each of the 2 training workers gets train shards.
@@ -96,6 +97,7 @@ class Submit:
         self.out = tmp / "job.out"
 
     def __call__(self, script: str, *args: str, sbatch: tuple[str, ...] = (), timeout: float = 300.0):
+        """sbatch SCRIPT ARGS with this cluster's limits (JOB_LIMITS), then the extra sbatch options."""
         job_id = self.cluster.sbatch([*JOB_LIMITS, f"--output={self.out}", *sbatch, script, *args], cwd=REPO,
                                      env=self.env)
         job = self.cluster.wait(job_id, timeout)
@@ -139,7 +141,8 @@ def test_train_on_slurm_writes_checkpoint_and_export(slurm, prepared, tmp_path):
     job, out = submit("slurm/train.sh", "configs/demo-cpu.yaml", *DATA, f"data.shards.dir={shards}",
                       "train.max_steps=4", "train.micro_batch_size=2", "train.log_every=1", "train.eval_batches=1",
                       "train.table_samples=0", "train.checkpoint_every=4", "tracking.mode=disabled",
-                      f"cluster.storage_path={storage}", f"cluster.run_name={run}", timeout=540)
+                      f"cluster.storage_path={storage}", f"cluster.run_name={run}", sbatch=("--nodes=2",),
+                      timeout=540)
     print(f"train on Slurm: {job.state} in {time.monotonic() - started:.1f} s")
     assert job.state == "COMPLETED" and job.exit_code == "0:0", out[-6000:]
     assert "ray cluster ready: 2 nodes" in out and "training needs 2 workers" in out
@@ -154,10 +157,11 @@ def test_infeasible_config_fails_before_training_and_cleans_up(slurm, tmp_path):
     """8 GPU workers on 2 one-GPU nodes: the pre-flight check stops the job with a clear error, exit 1."""
     submit = Submit(slurm, tmp_path)
     job, out = submit("slurm/train.sh", "configs/demo-cpu.yaml", "cluster.use_gpu=true", "cluster.num_workers=8",
-                      f"cluster.storage_path={tmp_path / 'runs'}")
+                      f"cluster.storage_path={tmp_path / 'runs'}", sbatch=("--nodes=2",))
     assert job.state == "FAILED" and job.exit_code == "1:0", out[-4000:]
     assert "ray cluster ready: 2 nodes, 4 CPUs, 2 GPUs" in out
     assert "does not fit 4 CPUs / 2 GPUs" in out
+    assert "the config was rejected before training started" in out
     assert "stopping the Ray steps this job started (exit code 1)" in out
     assert "running: python jobs/train.py" not in out
     assert not (tmp_path / "runs").exists()
@@ -182,12 +186,28 @@ def test_scancel_stops_the_ray_cluster(slurm, tmp_path):
     assert_nothing_left(submit.tag)
 
 
-def test_missing_config_argument_is_a_usage_error(slurm, tmp_path):
+def test_no_arguments_resolve_and_check_the_default_recipe(slurm, tmp_path):
+    """`sbatch slurm/train.sh` with no script arguments (the sbatch options only fit the job to this small
+    cluster). The job names the default recipe, starts Ray on its allocation and checks the recipe against
+    it: 8 GPU workers with 6 CPUs each, which this CPU-only cluster (1 placeholder GPU per node) cannot
+    hold, so the job stops there with the pre-flight error, before the driver writes anything. On the
+    node the #SBATCH defaults ask for, the same check passes (test_slurm_scripts.py)."""
+    default = REPO / DEFAULT_CONFIG
+    want = load_config(default).cluster
     submit = Submit(slurm, tmp_path)
-    job, out = submit("slurm/train.sh", timeout=60)
-    assert job.state == "FAILED" and job.exit_code == "2:0"
-    assert "usage: sbatch [sbatch options] slurm/train.sh CONFIG" in out
-    assert "ray start" not in out
+    started = time.monotonic()
+    job, out = submit("slurm/train.sh", timeout=180)
+    print(f"sbatch slurm/train.sh: {job.state} in {time.monotonic() - started:.1f} s")
+    assert f"config: {default} (the default: no CONFIG argument)" in out, out[-4000:]
+    assert "overrides: none" in out
+    assert "ray cluster ready: 1 nodes, 2 CPUs, 1 GPUs" in out, out[-4000:]
+    assert (f"training needs {want.num_workers} workers: {want.num_workers * want.cpus_per_worker:g} CPUs, "
+            f"{want.num_workers * want.gpus_per_worker:g} GPUs") in out
+    assert "does not fit 2 CPUs / 1 GPUs" in out
+    assert "the config was rejected before training started" in out
+    assert job.state == "FAILED" and job.exit_code == "1:0", out[-4000:]
+    assert "running: python jobs/train.py" not in out
+    assert_nothing_left(submit.tag)
 
 
 def test_demo_config_used_here_is_valid():
