@@ -91,12 +91,26 @@ class LoaderConfig(_Section):
     num_workers: int = Field(1, ge=0, description="DataLoader processes decoding images per training worker")
 
 
+class BatchingConfig(_Section):
+    """How training micro-batches are formed (see data/batching.py).
+
+    pad: `train.micro_batch_size` samples, padded to the longest. length: samples of similar length from a
+    look-ahead buffer, as many as fit `max_tokens` once padded. packed: samples concatenated into one row of
+    at most `max_tokens`, attention kept inside each sample (no padding at all).
+    """
+
+    mode: Literal["pad", "length", "packed"] = "pad"
+    max_tokens: int | None = Field(None, ge=16, description="token budget of a micro-batch (length, packed)")
+    lookahead: int = Field(64, ge=1, description="samples read ahead and grouped into micro-batches (length, packed)")
+
+
 class DataConfig(_Section):
     catalog: CatalogConfig = Field(default_factory=CatalogConfig)
     images: ImageConfig = Field(default_factory=ImageConfig)
     shards: ShardConfig = Field(default_factory=ShardConfig)
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     loader: LoaderConfig = Field(default_factory=LoaderConfig)
+    batching: BatchingConfig = Field(default_factory=BatchingConfig)
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -215,6 +229,14 @@ class Config(_Section):
             raise ValueError("model.lora.quantize_4bit does not work with train.zero_stage=3; use stage 0 or 2")
         if lora.enabled and not (lora.targets or lora.extra_target_modules):
             raise ValueError("model.lora.enabled=true but no targets: set model.lora.targets")
+        batching = self.data.batching
+        if batching.mode != "pad":
+            if batching.max_tokens is None:
+                raise ValueError(f"data.batching.mode={batching.mode} needs data.batching.max_tokens (the token "
+                                 "budget of a micro-batch)")
+            if batching.max_tokens < self.model.max_length:
+                raise ValueError(f"data.batching.max_tokens={batching.max_tokens} is below model.max_length="
+                                 f"{self.model.max_length}: the longest sample would not fit a micro-batch")
         return self
 
     def to_yaml(self) -> str:

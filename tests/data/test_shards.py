@@ -17,7 +17,6 @@ from vlmtune.data.shards import (
     SCHEMA_VERSION,
     ShardError,
     ShardStream,
-    next_position,
     sha256_file,
     split_shards,
     verify_shards,
@@ -90,9 +89,8 @@ def test_resume_from_any_position_reproduces_the_stream(shard_dir):
     shards = split_shards(shard_dir, "train")
     stream = ShardStream(shards, rank=1, world_size=3, seed=0, shuffle_buffer=4)
     full = list(itertools.islice(iter(stream), 40))  # crosses several epoch boundaries (7 per epoch)
-    per_epoch = stream.samples_per_epoch()
     for k in range(1, 40):
-        start = next_position(full[k - 1]["position"], per_epoch)
+        start = stream.next_position(full[k - 1]["position"])
         resumed = ShardStream(shards, rank=1, world_size=3, seed=0, shuffle_buffer=4, start=start)
         tail = list(itertools.islice(iter(resumed), 40 - k))
         assert ids(tail) == ids(full[k:]), f"resume after item {k}"
@@ -139,7 +137,7 @@ def test_transform_runs_per_sample_and_can_skip(shard_dir):
     items = list(iter(ShardStream(split_shards(shard_dir, "train"), shuffle=False, infinite=False,
                                   transform=transform)))
     assert items[2]["skipped"] == "too long"
-    assert items[0] == {"position": (0, 0), "id": "id0000", "width": 16}
+    assert items[0] == {"position": (0, 0), "index": 0, "id": "id0000", "width": 16}
 
 
 def test_integrity_checks(shard_dir):

@@ -8,24 +8,24 @@ import torch
 
 from tests.gloo import run_ranks
 from vlmtune.config import FreezeConfig, LoraConfig, ModelConfig
+from vlmtune.data.batching import MicroBatch
 from vlmtune.errors import ShardError
 from vlmtune.models.loading import prepare_model
 from vlmtune.train import metrics as metrics_mod
-from vlmtune.train.loop import Worker, agree_on_failure, answer_tokens, eval_loss
+from vlmtune.train.loop import Worker, agree_on_failure, eval_loss
 from vlmtune.train.metrics import FlopCounter, Throughput
 
 
 class FixedLoss(torch.nn.Module):
     """Each batch carries its own loss value (the mean over its answer tokens)."""
 
-    def forward(self, labels, loss_value, **_):
+    def forward(self, loss_value):
         return type("Out", (), {"loss": loss_value[0]})()
 
 
-def batch(loss: float, answer: int) -> dict:
-    labels = torch.full((1, answer + 2), -100)
-    labels[0, 2:] = 1  # the first label never counts (shift): answer tokens = answer
-    return {"labels": labels, "loss_value": torch.tensor([loss])}
+def batch(loss: float, answer: int) -> MicroBatch:
+    return MicroBatch(inputs={"loss_value": torch.tensor([loss])}, ids=["x"], epochs=[0], lengths=[answer + 2],
+                      image_tokens=0, answer_tokens=answer, positions=answer + 2)
 
 
 # rank → its batches (loss, answer tokens): unequal token counts within and across ranks
@@ -41,10 +41,6 @@ def test_eval_loss_weights_every_answer_token_once_across_batches_and_ranks():
     results = run_ranks(_eval_loss_on_rank, 2)
     expected = (1.0 * 2 + 3.0 * 6 + 5.0 * 4) / (2 + 6 + 4)  # not the mean of batch means (3.0)
     assert results == [pytest.approx(expected)] * 2
-
-
-def test_answer_tokens_count_labelled_positions_after_the_shift():
-    assert int(answer_tokens(batch(0.0, 5)["labels"])) == 5
 
 
 def _agree(rank: int, world: int) -> list[str | None]:
@@ -66,27 +62,29 @@ def test_flops_follow_the_6n_rule_and_what_trains():
     assert f_full.text_params == f_lora.text_params > 0  # adapters are not counted as matmul weights
     assert f_full.text_weights_train and f_full.vision_backward
     assert not f_lora.text_weights_train and not f_lora.vision_backward
-    mask, no_images = torch.ones(2, 10), torch.zeros(0, 2, dtype=torch.long)
+    lengths, no_images = [10, 10], torch.zeros(0, 2, dtype=torch.long)
     attention = 2 * f_full.text_layers * f_full.text_hidden * 2 * 10**2
-    assert f_full.step_flops(mask, no_images) == pytest.approx(3 * (2 * f_full.text_params * 20 + attention))
-    assert f_lora.step_flops(mask, no_images) == pytest.approx(2 * (2 * f_full.text_params * 20 + attention))
+    assert f_full.step_flops(lengths, no_images) == pytest.approx(3 * (2 * f_full.text_params * 20 + attention))
+    assert f_lora.step_flops(lengths, no_images) == pytest.approx(2 * (2 * f_full.text_params * 20 + attention))
     # one 2x2-crop image: the global view + 4 crops through the vision tower
     image = torch.tensor([[2 * f_full.tile, 2 * f_full.tile]])
-    vision = f_full.step_flops(mask, image) - f_full.step_flops(mask, no_images)
+    vision = f_full.step_flops(lengths, image) - f_full.step_flops(lengths, no_images)
     per_crop = 2 * f_full.vision_params * f_full.vision_tokens + 4 * f_full.vision_layers * f_full.vision_hidden * (
         f_full.vision_tokens**2)
     assert vision == pytest.approx(3 * 5 * per_crop)
-    assert f_lora.step_flops(mask, image) - f_lora.step_flops(mask, no_images) == pytest.approx(5 * per_crop)
+    assert f_lora.step_flops(lengths, image) - f_lora.step_flops(lengths, no_images) == pytest.approx(5 * per_crop)
 
 
 def test_throughput_reports_rates_since_the_last_snapshot(monkeypatch):
     clock = iter([100.0, 102.0, 102.0, 103.0, 103.0])
     monkeypatch.setattr(metrics_mod.time, "perf_counter", lambda: next(clock))
     meter = Throughput(torch.device("cpu"), world_size=4)  # reset: t=100
-    meter.add(samples=8, tokens=1000, flops=4e12)
+    meter.add(samples=8, tokens=1000, image_tokens=600, positions=1250, flops=4e12)
     first = meter.snapshot()  # t=102, then reset at t=102
     assert first["samples_per_s"] == 8 * 4 / 2 and first["tokens_per_s"] == 1000 * 4 / 2
+    assert first["image_tokens_per_s"] == 600 * 4 / 2 and first["text_tokens_per_s"] == 400 * 4 / 2
+    assert first["padding_share"] == pytest.approx(0.2)
     assert first["tflops_per_worker"] == pytest.approx(2.0)
     assert "mfu" not in first and first["cpu_max_rss_gb"] > 0  # no known peak on a CPU
-    meter.add(samples=2, tokens=10, flops=0.0)
+    meter.add(samples=2, tokens=10, image_tokens=0, positions=10, flops=0.0)
     assert meter.snapshot()["samples_per_s"] == 2 * 4 / 1  # only what came after the first snapshot

@@ -1,53 +1,173 @@
-"""Micro-batches for training and its eval: from one rank's shard stream to collated tensors.
+"""Micro-batches for training and its eval: from one rank's shard stream to model inputs.
 
-The stream decodes and encodes samples (in DataLoader processes when `num_workers` > 0); this module takes
-them in order, leaves out the ones the stream had to skip (corrupt member, too long) while counting them,
-and remembers `position`, the stream start that resumes right after the last sample taken. A checkpoint
-stores that position, so a resumed run sees exactly the samples an uninterrupted one would have seen.
+The stream decodes and encodes samples (in DataLoader processes when `num_workers` > 0). This module reads
+them a *window* at a time and plans the window's micro-batches (`plan_batches`):
+
+    pad      one window = `batch_size` samples = one micro-batch, padded to its longest sample
+    length   a window of `lookahead` samples sorted by length, cut into micro-batches that fit the token
+             budget once padded (count × longest ≤ max_tokens): little padding, no truncation
+    packed   a window packed first-fit-decreasing into rows of at most `max_tokens` tokens, one row per
+             micro-batch, samples concatenated with positions restarting at 0 (collate.pack): no padding
+
+Micro-batches of a window go out in a shuffled order (seeded by the window's start), so the loss does not
+see lengths in sorted order. Samples on both sides of the model's LongRoPE switch length never share a
+micro-batch in length and packed modes: the rotary factors are chosen per micro-batch from its longest
+position, so mixing would give short samples the long factors.
+
+`position` (a `DataPosition`, see data/position.py) says where to resume: the window being consumed and how
+many of its micro-batches were taken, plus the global indices of everything consumed, for a resume on a
+different number of ranks. Skipped samples (corrupt member, too long) are counted, reported and consumed.
 """
 
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
-from vlmtune.data.collate import collate
-from vlmtune.data.shards import ShardStream, next_position
+from vlmtune.config import BatchingConfig
+from vlmtune.data.collate import IGNORE_INDEX, collate, pack
+from vlmtune.data.position import DataPosition, IntervalSet
+from vlmtune.data.shards import ShardStream
 
 log = logging.getLogger(__name__)
 
 
-class MicroBatches:
-    """`next(batches)` → the next collated micro-batch of `batch_size` samples from `stream`."""
+@dataclass
+class MicroBatch:
+    """Model inputs plus what the step metrics need, counted on the host (no device sync)."""
 
-    def __init__(self, stream: ShardStream, batch_size: int, pad_id: int, num_workers: int = 0,
-                 on_skip: Callable[[str], None] | None = None):
-        self.stream, self.batch_size, self.pad_id = stream, batch_size, pad_id
+    inputs: dict[str, torch.Tensor]
+    ids: list[str]
+    epochs: list[int]  # the epoch each sample was read in
+    lengths: list[int]  # tokens of each sample
+    image_tokens: int  # image-slot tokens among them
+    answer_tokens: int  # tokens the loss is computed on
+    positions: int  # input positions including padding
+
+    @property
+    def tokens(self) -> int:
+        return sum(self.lengths)
+
+
+def plan_batches(lengths: list[int], mode: str, batch_size: int, max_tokens: int | None,
+                 long_from: int | None, rng: random.Random) -> list[list[int]]:
+    """Indices into a window's samples, one list per micro-batch (see the module docstring)."""
+    if mode == "pad":
+        return [list(range(i, min(i + batch_size, len(lengths)))) for i in range(0, len(lengths), batch_size)]
+    assert max_tokens is not None
+
+    def group(i: int) -> bool:
+        return long_from is not None and lengths[i] > long_from
+
+    batches: list[list[int]] = []
+    if mode == "length":
+        current: list[int] = []
+        for i in sorted(range(len(lengths)), key=lambda i: (group(i), lengths[i], i)):
+            fits = (len(current) + 1) * lengths[i] <= max_tokens
+            if current and (not fits or group(i) != group(current[0])):
+                batches.append(current)
+                current = []
+            current.append(i)
+        if current:
+            batches.append(current)
+    else:  # packed: first fit, longest first
+        rows: list[list[int]] = []
+        room: list[int] = []
+        for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+            for r, row in enumerate(rows):
+                if room[r] >= lengths[i] and group(row[0]) == group(i):
+                    row.append(i)
+                    room[r] -= lengths[i]
+                    break
+            else:
+                rows.append([i])
+                room.append(max_tokens - lengths[i])
+        batches = rows
+    rng.shuffle(batches)
+    return batches
+
+
+class MicroBatches:
+    """`next(batches)` → the next `MicroBatch` of one rank's stream, resumable from `position`."""
+
+    def __init__(self, stream: ShardStream, batching: BatchingConfig, batch_size: int, pad_id: int,
+                 num_workers: int = 0, position: DataPosition | None = None, seed: int = 0,
+                 long_from: int | None = None, on_skip: Callable[[str], None] | None = None):
+        self.stream, self.batching, self.batch_size, self.pad_id = stream, batching, batch_size, pad_id
+        self.seed, self.long_from = seed, long_from
         self.on_skip = on_skip or (lambda reason: log.warning("skipped sample: %s", reason))
-        self.per_epoch = stream.samples_per_epoch()
-        self.position = stream.start
+        self.window_size = batch_size if batching.mode == "pad" else batching.lookahead
+        position = position or DataPosition(window=stream.start)
+        self.window_start, self.skip_batches = position.window, position.emitted
+        self.consumed = {e: IntervalSet(v) for e, v in position.consumed.items()}
+        self.cursor = stream.start  # where the stream continues
         self.skipped = 0
+        self.planned: list[list[dict]] = []
+        self.emitted = 0
         loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=num_workers,
                                              collate_fn=lambda item: item, persistent_workers=num_workers > 0)
         self.items: Iterator[dict] = iter(loader)
 
-    def next_samples(self) -> list[dict]:
-        """The next `batch_size` usable samples, uncollated."""
-        samples = []
-        while len(samples) < self.batch_size:
+    def _consume(self, item: dict) -> None:
+        self.consumed.setdefault(item["position"][0], IntervalSet()).add(item["index"])
+
+    def _read_window(self) -> None:
+        """Read the next window of usable samples and plan its micro-batches."""
+        self.window_start, window = self.cursor, []
+        while len(window) < self.window_size:
             item = next(self.items)
-            self.position = next_position(item["position"], self.per_epoch)
+            self.cursor = self.stream.next_position(item["position"])
             if "skipped" in item:
                 self.skipped += 1
+                self._consume(item)
                 self.on_skip(item["skipped"])
             else:
-                samples.append(item)
+                window.append(item)
+        rng = random.Random(f"{self.seed}:{self.window_start}")
+        plan = plan_batches([len(s["input_ids"]) for s in window], self.batching.mode, self.batch_size,
+                            self.batching.max_tokens, self.long_from, rng)
+        self.planned = [[window[i] for i in batch] for batch in plan]
+        self.emitted = 0
+
+    def next_samples(self) -> list[dict]:
+        """The samples of the next micro-batch, uncollated."""
+        while not self.planned:
+            self._read_window()
+            skip, self.skip_batches = self.skip_batches, 0  # resuming inside a window
+            self.planned, self.emitted = self.planned[skip:], skip
+        samples = self.planned.pop(0)
+        self.emitted += 1
+        for sample in samples:
+            self._consume(sample)
         return samples
 
     def __iter__(self) -> MicroBatches:
         return self
 
-    def __next__(self) -> dict:
-        return collate(self.next_samples(), self.pad_id)
+    def __next__(self) -> MicroBatch:
+        samples = self.next_samples()
+        packed = self.batching.mode == "packed"
+        inputs = pack(samples) if packed else collate(samples, self.pad_id)
+        lengths = [len(s["input_ids"]) for s in samples]
+        answer = sum(int((s["labels"][1:] != IGNORE_INDEX).sum()) for s in samples) if "labels" in samples[0] else 0
+        return MicroBatch(inputs=inputs, ids=[s["id"] for s in samples], epochs=[s["position"][0] for s in samples],
+                          lengths=lengths,
+                          image_tokens=sum(s["image_tokens"] for s in samples), answer_tokens=answer,
+                          positions=inputs["input_ids"].numel())
+
+    def forget_epochs_before(self, epoch: int) -> None:
+        """Drop the consumption records of epochs every rank has finished (the caller knows the slowest rank)."""
+        self.consumed = {e: s for e, s in self.consumed.items() if e >= epoch}
+
+    @property
+    def position(self) -> DataPosition:
+        """Where to resume: the current window (or the next one, when this one is used up) and the consumption."""
+        inside = bool(self.planned or self.skip_batches)  # in a window (or resumed into one, not read yet)
+        window = self.window_start if inside else self.cursor
+        shares = {e: v for e, v in self.stream.shares.items() if e >= window[0]}
+        consumed = {e: s.intervals() for e, s in self.consumed.items()}
+        return DataPosition(window, (self.emitted or self.skip_batches) if inside else 0, shares, consumed)

@@ -1,4 +1,4 @@
-"""Shard sample → model inputs with loss only on the answer, and batches of them.
+"""Shard sample → model inputs with loss only on the answer, and batches of them: padded or packed.
 
 `SampleEncoder` runs inside the shard stream (so in DataLoader worker processes): the HD image transform
 and tokenisation happen next to the JPEG decode, off the training process. The prompt is the chat
@@ -35,7 +35,8 @@ class SampleEncoder:
         prompt_ids = encoded["input_ids"][0]
         target = answer_text(meta, self.prompt_cfg)
         out = {"id": meta.get("id", sample["key"]), "meta": meta, "target": target,
-               "pixel_values": encoded["pixel_values"], "image_sizes": encoded["image_sizes"]}
+               "pixel_values": encoded["pixel_values"], "image_sizes": encoded["image_sizes"],
+               "image_tokens": int((prompt_ids == self.processor.image_token_id).sum())}
         if self.with_answer:
             answer_ids = self.processor.tokenizer(target + ANSWER_END, add_special_tokens=False,
                                                   return_tensors="pt")["input_ids"][0]
@@ -64,4 +65,23 @@ def collate(samples: list[dict], pad_id: int, padding_side: str = "right") -> di
              "image_sizes": torch.cat([s["image_sizes"] for s in samples])}
     if "labels" in samples[0]:
         batch["labels"] = pad([s["labels"] for s in samples], IGNORE_INDEX)
+    return batch
+
+
+def pack(samples: list[dict]) -> dict:
+    """Samples concatenated into one row, each with positions restarting at 0.
+
+    No attention mask and no cache: transformers then reads the packed layout from `position_ids` (a new
+    sequence starts where the position drops back) and keeps attention inside each sample (flash-attn
+    varlen, or a block-diagonal mask for sdpa/eager); with a cache it would build a plain causal mask.
+    Labels stay per sample: each sample starts with its prompt, whose labels are -100, so no position
+    learns to predict the next sample. Images follow in sample order, the
+    order in which their slots appear in the row.
+    """
+    batch = {"input_ids": torch.cat([s["input_ids"] for s in samples])[None],
+             "position_ids": torch.cat([torch.arange(len(s["input_ids"])) for s in samples])[None],
+             "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
+             "image_sizes": torch.cat([s["image_sizes"] for s in samples]), "use_cache": False}
+    if "labels" in samples[0]:
+        batch["labels"] = torch.cat([s["labels"] for s in samples])[None]
     return batch

@@ -11,11 +11,12 @@ Streaming policy (`ShardStream`): for epoch e, the split's shards are shuffled w
 end to end into one global sample order of N samples. Rank r of W reads the contiguous range
 [r·N//W, (r+1)·N//W): every sample is read by exactly one rank per epoch — nothing dropped, nothing
 duplicated — even when W does not divide the number of shards; ranks differ by at most one sample.
-Training counts optimizer steps, not epochs, so the stream simply continues into epoch e+1 and ranks
-never wait on each other. Within each shard a bounded buffer shuffles raw (undecoded) samples with an
-RNG seeded by (seed, epoch, rank, shard), so a saved position (epoch, consumed) is restored by skipping
-whole shards by their manifest counts and replaying raw bytes inside one shard: no image is decoded
-to fast-forward, and the resumed stream is identical to the uninterrupted one.
+After a world-size change the rest of an epoch is split anew (data/position.py). Training counts
+optimizer steps, not epochs, so the stream simply continues into epoch e+1 and ranks never wait on each
+other. Within each shard a bounded buffer shuffles raw (undecoded) samples with an RNG seeded by (seed,
+epoch, shard, first sample), so a saved position (epoch, ordinal) is restored by skipping whole shards by
+their manifest counts and replaying raw bytes inside one shard: no image is decoded to fast-forward, and
+the resumed stream is identical to the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from PIL import Image
 from webdataset import ShardWriter
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from vlmtune.data.position import IntervalSet, share_of
 from vlmtune.errors import ShardError
 from vlmtune.storage import join, sha256_file, write_atomic
 
@@ -232,22 +234,18 @@ def verify_shards(shards: list[ShardInfo], checksum: bool = True) -> None:
             raise ShardError(f"shard {shard.url} does not match its sha256 in the manifest (corrupted copy?)")
 
 
-def rank_range(total: int, rank: int, world_size: int) -> tuple[int, int]:
-    return rank * total // world_size, (rank + 1) * total // world_size
-
-
-def epoch_plan(shards: list[ShardInfo], epoch: int, seed: int, rank: int, world_size: int,
-               shuffle: bool) -> list[tuple[ShardInfo, int, int]]:
-    """This rank's (shard, first, end) segments for one epoch, in reading order."""
+def epoch_plan(shards: list[ShardInfo], epoch: int, seed: int, share: IntervalSet,
+               shuffle: bool) -> list[tuple[ShardInfo, int, int, int]]:
+    """This rank's (shard, first, end, global index of first) segments for one epoch, in reading order."""
     order = list(shards)
     if shuffle:
         random.Random(f"{seed}:{epoch}:shards").shuffle(order)
-    start, end = rank_range(sum(s.count for s in order), rank, world_size)
     plan, offset = [], 0
     for shard in order:
-        lo, hi = max(start, offset), min(end, offset + shard.count)
-        if lo < hi:
-            plan.append((shard, lo - offset, hi - offset))
+        for lo, hi in share.intervals():
+            lo, hi = max(lo, offset), min(hi, offset + shard.count)
+            if lo < hi:
+                plan.append((shard, lo - offset, hi - offset, lo))
         offset += shard.count
     return plan
 
@@ -293,58 +291,68 @@ def decode_sample(raw: dict) -> dict:
 
 
 class ShardStream(torch.utils.data.IterableDataset):
-    """One rank's deterministic stream over a split; see the module docstring for the policy.
+    """One rank's deterministic stream over a split; see the module docstring and `data/position.py`.
 
-    Yields dicts with `position` = (epoch, index in this rank's epoch) and either the transformed sample
-    or `skipped` = reason. The consumer records the position of the last item it used; passing that back
-    as `start` resumes exactly after it. With DataLoader workers, worker w of n decodes the items whose
-    ordinal since `start` ≡ w (mod n) and skips the rest as raw bytes; DataLoader's round-robin fetch then returns items
-    in the same order as with no workers.
+    Yields dicts with `position` = (epoch, ordinal in this rank's reading order of the epoch), `index` = the
+    sample's global index in the epoch's order, and either the transformed sample or `skipped` = reason.
+    Passing a position back as `start` resumes exactly there. `shares` overrides this rank's share of given
+    epochs (after a world-size change). With DataLoader workers, worker w of n decodes the items whose
+    ordinal since `start` ≡ w (mod n) and skips the rest as raw bytes; DataLoader's round-robin fetch then
+    returns items in the same order as with no workers.
     """
 
     def __init__(self, shards: list[ShardInfo], rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle: bool = True, shuffle_buffer: int = 64, infinite: bool = True,
-                 start: tuple[int, int] = (0, 0), transform: Callable[[dict], dict] | None = None):
-        if world_size > sum(s.count for s in shards):
-            raise ShardError(f"{world_size} ranks but only {sum(s.count for s in shards)} samples in the split")
+                 start: tuple[int, int] = (0, 0), transform: Callable[[dict], dict] | None = None,
+                 shares: dict[int, list[tuple[int, int]]] | None = None):
+        self.total = sum(s.count for s in shards)
+        if world_size > self.total:
+            raise ShardError(f"{world_size} ranks but only {self.total} samples in the split")
         self.shards, self.rank, self.world_size, self.seed = shards, rank, world_size, seed
         self.shuffle, self.shuffle_buffer, self.infinite = shuffle, shuffle_buffer, infinite
         self.start = start
         self.transform = transform
+        self.shares = shares or {}
 
-    def samples_per_epoch(self) -> int:
-        lo, hi = rank_range(sum(s.count for s in self.shards), self.rank, self.world_size)
-        return hi - lo
+    def share(self, epoch: int) -> IntervalSet:
+        return share_of(epoch, self.total, self.rank, self.world_size, self.shares)
 
-    def _epoch_raw(self, epoch: int, skip: int) -> Iterator[tuple[int, dict]]:
-        """(index, raw sample) for this rank's epoch, starting at index `skip`."""
-        index = 0
-        for shard, first, end in epoch_plan(self.shards, epoch, self.seed, self.rank, self.world_size,
-                                            self.shuffle):
+    def samples_per_epoch(self, epoch: int = 0) -> int:
+        return len(self.share(epoch))
+
+    def next_position(self, position: tuple[int, int]) -> tuple[int, int]:
+        """The stream start that resumes right after the item at `position`."""
+        epoch, ordinal = position
+        return (epoch + 1, 0) if ordinal + 1 >= self.samples_per_epoch(epoch) else (epoch, ordinal + 1)
+
+    def _epoch_raw(self, epoch: int, skip: int) -> Iterator[tuple[int, int, dict]]:
+        """(ordinal, global index, raw sample) for this rank's epoch, from ordinal `skip` on."""
+        ordinal = 0
+        for shard, first, end, index in epoch_plan(self.shards, epoch, self.seed, self.share(epoch), self.shuffle):
             n = end - first
-            if index + n <= skip:  # fast-forward over whole shards without opening them
-                index += n
+            if ordinal + n <= skip:  # fast-forward over whole segments without opening them
+                ordinal += n
                 continue
-            raw = itertools.islice(raw_samples(shard.url), first, end)
+            raw = zip(itertools.count(index), itertools.islice(raw_samples(shard.url), first, end))
             if self.shuffle and self.shuffle_buffer > 1:
                 rng = random.Random(f"{self.seed}:{epoch}:{self.rank}:{shard.name}:{first}")
                 raw = _buffered(raw, self.shuffle_buffer, rng)
-            for sample in raw:
-                if index >= skip:
-                    yield index, sample
-                index += 1
+            for global_index, sample in raw:
+                if ordinal >= skip:
+                    yield ordinal, global_index, sample
+                ordinal += 1
 
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         epoch, skip = self.start
-        ordinal = 0  # items since `start`: DataLoader asks worker 0 first, whatever the start index
+        count = 0  # items since `start`: DataLoader asks worker 0 first, whatever the start ordinal
         while True:
-            for index, raw in self._epoch_raw(epoch, skip):
-                ordinal += 1
-                if (ordinal - 1) % workers != worker:
+            for ordinal, index, raw in self._epoch_raw(epoch, skip):
+                count += 1
+                if (count - 1) % workers != worker:
                     continue
-                item = {"position": (epoch, index)}
+                item = {"position": (epoch, ordinal), "index": index}
                 try:
                     sample = decode_sample(raw)
                     item.update(self.transform(sample) if self.transform else sample)
@@ -354,9 +362,3 @@ class ShardStream(torch.utils.data.IterableDataset):
             if not self.infinite:
                 return
             epoch, skip = epoch + 1, 0
-
-
-def next_position(position: tuple[int, int], samples_per_epoch: int) -> tuple[int, int]:
-    """The stream start that resumes right after the item at `position`."""
-    epoch, index = position
-    return (epoch + 1, 0) if index + 1 >= samples_per_epoch else (epoch, index + 1)

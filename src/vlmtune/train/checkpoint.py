@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +17,7 @@ import torch
 
 from vlmtune import runs
 from vlmtune.config import Config
+from vlmtune.data.position import DataPosition
 from vlmtune.errors import CheckpointError
 
 
@@ -25,7 +26,7 @@ class LoopState:
     """Where this rank's training stands: what a checkpoint saves and a resume restores."""
 
     step: int = 0
-    position: tuple[int, int] = (0, 0)  # (epoch, index) where this rank's train stream resumes
+    position: DataPosition = field(default_factory=DataPosition)  # where this rank's train data resumes
     wandb_run_id: str | None = None
     rng: dict | None = None  # restored by the loop right before training resumes (see restore)
 
@@ -76,5 +77,5 @@ def restore(engine, checkpoint: ray.train.Checkpoint, rank: int) -> LoopState:
         saved = runs.read_trainer_state(directory)
         engine.load_checkpoint(str(directory), tag=runs.DEEPSPEED_TAG, load_module_strict=False)
         worker = runs.read_worker_state(directory, rank)
-    return LoopState(step=saved.step, position=tuple(worker["position"]), wandb_run_id=saved.wandb_run_id,
+    return LoopState(step=saved.step, position=worker["position"], wandb_run_id=saved.wandb_run_id,
                     rng=worker["rng"])

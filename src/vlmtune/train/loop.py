@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,9 +28,10 @@ import torch
 import torch.distributed as dist
 
 from vlmtune import runs, storage
-from vlmtune.config import Config
-from vlmtune.data.batching import MicroBatches
-from vlmtune.data.collate import IGNORE_INDEX, SampleEncoder
+from vlmtune.config import BatchingConfig, Config
+from vlmtune.data.batching import MicroBatch, MicroBatches
+from vlmtune.data.collate import SampleEncoder
+from vlmtune.data.position import DataPosition
 from vlmtune.data.shards import ShardStream, split_shards, verify_shards
 from vlmtune.errors import VlmtuneError
 from vlmtune.eval.generate import generate_answers
@@ -82,8 +83,9 @@ def agree_on_failure(error: VlmtuneError | None, worker: Worker) -> str | None:
     return message if worker.world_size == 1 else f"{message} (worker {rank})"
 
 
-def setup_data(cfg: Config, processor, worker: Worker, position: tuple[int, int],
+def setup_data(cfg: Config, processor, worker: Worker, position: DataPosition, long_from: int,
                on_skip: Callable[[str], None]) -> Data:
+    """This rank's train micro-batches from `position`, and the val data every eval reads from the start."""
     shard_dir, loader, batch_size = cfg.data.shards.dir, cfg.data.loader, cfg.train.micro_batch_size
     train_shards, val_shards = split_shards(shard_dir, "train"), split_shards(shard_dir, "val")
     encoder = SampleEncoder(processor, cfg.data.prompt, cfg.model.max_length)
@@ -91,23 +93,32 @@ def setup_data(cfg: Config, processor, worker: Worker, position: tuple[int, int]
     pad_id = processor.tokenizer.pad_token_id
     rank, world = worker.rank, worker.world_size
 
-    train = MicroBatches(ShardStream(train_shards, rank, world, seed=loader.seed, shuffle_buffer=loader.shuffle_buffer,
-                                     start=position, transform=encoder), batch_size, pad_id, loader.num_workers,
-                         on_skip=on_skip)
+    stream = ShardStream(train_shards, rank, world, seed=loader.seed, shuffle_buffer=loader.shuffle_buffer,
+                         start=position.window, transform=encoder, shares=position.shares)
+    train = MicroBatches(stream, cfg.data.batching, batch_size, pad_id, loader.num_workers, position=position,
+                         seed=loader.seed, long_from=long_from, on_skip=on_skip)
+    padded = BatchingConfig()  # eval batches are fixed: the same val loss whatever the training batching
 
     def val_batches() -> MicroBatches:
-        return MicroBatches(ShardStream(val_shards, rank, world, shuffle=False, transform=encoder), batch_size, pad_id)
+        stream = ShardStream(val_shards, rank, world, shuffle=False, transform=encoder)
+        return MicroBatches(stream, padded, batch_size, pad_id)
 
     def table_samples() -> list[dict]:
         stream = ShardStream(val_shards, rank, world, shuffle=False,
                              transform=lambda s: {**question_only(s), "image": s["image"]})
-        return MicroBatches(stream, cfg.train.table_samples, pad_id).next_samples()
+        return MicroBatches(stream, padded, cfg.train.table_samples, pad_id).next_samples()
 
     return Data(train, val_batches, table_samples)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def all_min(value: int, device: torch.device) -> int:
+    tensor = torch.tensor([value], dtype=torch.long, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return int(tensor.item())
 
 
 def all_mean(value: float, device: torch.device) -> float:
@@ -116,22 +127,17 @@ def all_mean(value: float, device: torch.device) -> float:
     return tensor.item() / dist.get_world_size()
 
 
-def answer_tokens(labels: torch.Tensor) -> torch.Tensor:
-    """Tokens the loss is computed on: labelled positions after the shift."""
-    return (labels[:, 1:] != IGNORE_INDEX).sum()
-
-
 @torch.no_grad()
-def eval_loss(model, batches, num_batches: int, device: torch.device) -> float:
+def eval_loss(model, batches: Iterator[MicroBatch], num_batches: int, device: torch.device) -> float:
     """Token-weighted loss over `num_batches` val batches per rank, reduced over all ranks: every answer token
     counts once, however the tokens are spread over batches and ranks."""
     was_training = model.training
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for _ in range(num_batches):
-        batch = to_device(next(batches), device)
-        tokens = answer_tokens(batch["labels"])
-        total += torch.stack([model(**batch).loss.double() * tokens, tokens.double()])
+        batch = next(batches)
+        loss = model(**to_device(batch.inputs, device)).loss.double()
+        total += torch.stack([loss * batch.answer_tokens, torch.tensor(float(batch.answer_tokens), device=device)])
     model.train(was_training)
     dist.all_reduce(total)
     return (total[0] / total[1]).item()
@@ -160,25 +166,35 @@ def evaluate(engine, processor, data: Data, cfg: Config, worker: Worker, tracker
     return metrics
 
 
-def train_step(engine, batches: MicroBatches, cfg: Config, worker: Worker, flops: FlopCounter,
-               throughput: Throughput) -> list[torch.Tensor]:
-    """One optimizer step: `grad_accum_steps` micro-batches, forward and backward each; DeepSpeed steps the
-    optimizer at the accumulation boundary. Losses stay on the device (reading them would sync a GPU)."""
-    losses = []
-    for _ in range(cfg.train.grad_accum_steps):
-        host_batch = next(batches)
-        throughput.add(len(host_batch["input_ids"]), int(host_batch["attention_mask"].sum()),
-                       flops.step_flops(host_batch["attention_mask"], host_batch["image_sizes"]))
-        loss = engine(**to_device(host_batch, worker.device)).loss
-        engine.backward(loss)
+def train_step(engine, batches: Iterator[MicroBatch], cfg: Config, worker: Worker, flops: FlopCounter,
+               throughput: Throughput) -> torch.Tensor:
+    """One optimizer step over `grad_accum_steps` micro-batches; returns the step's loss (this rank's share).
+
+    The loss is the mean over every answer token of the global batch, however the batch is split into
+    micro-batches and ranks: the step's answer tokens are counted on the host and summed over ranks first,
+    then each micro-batch's loss is its token-loss sum divided by that count. DeepSpeed divides each
+    micro-batch's loss by the accumulation steps and averages gradients over ranks, so the divisor handed to
+    the model is the global count / (world size × accumulation steps).
+    """
+    gas = cfg.train.grad_accum_steps
+    micro = [next(batches) for _ in range(gas)]
+    answer_tokens = torch.tensor(float(sum(m.answer_tokens for m in micro)), device=worker.device)
+    dist.all_reduce(answer_tokens)
+    divisor = answer_tokens / (worker.world_size * gas)
+    loss = torch.zeros((), device=worker.device)
+    for m in micro:
+        throughput.add(len(m.ids), m.tokens, m.image_tokens, m.positions,
+                       flops.step_flops(m.lengths, m.inputs["image_sizes"]))
+        out = engine(**to_device(m.inputs, worker.device), num_items_in_batch=divisor)
+        loss += engine.backward(out.loss).detach()  # the loss / gas; kept on the device (no sync per step)
         engine.step()
-        losses.append(loss.detach())
-    return losses
+    return loss
 
 
 def step_metrics(engine, losses: list[torch.Tensor], batches: MicroBatches, throughput: Throughput,
                  worker: Worker) -> dict:
-    return {"loss": all_mean(torch.stack(losses).float().mean().item(), worker.device), "lr": engine.get_lr()[0],
+    """Metrics of the steps since the last log: the mean global token loss per step, and the rates."""
+    return {"loss": all_mean(torch.stack(losses).double().mean().item(), worker.device), "lr": engine.get_lr()[0],
             "grad_norm": float(engine.get_global_grad_norm() or 0.0),
             "skipped_samples": all_mean(batches.skipped, worker.device) * worker.world_size, **throughput.snapshot()}
 
@@ -225,7 +241,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if worker.rank == 0:
         log.info("trainable parameters: %s", trainable_parameter_summary(engine.module))
         log.info("%s from step %d", "resuming" if checkpoint else "starting", state.step)
-    data = setup_data(cfg, processor, worker, state.position, on_skip=progress.warn)
+    data = setup_data(cfg, processor, worker, state.position, long_from=model.config.original_max_position_embeddings,
+                      on_skip=progress.warn)
     progress.start(state.step, cfg.train.max_steps)
 
     # A fresh run is evaluated once before training, as the baseline of every curve; a resumed one continues
@@ -239,9 +256,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     losses: list[torch.Tensor] = []
     engine.train()
     while state.step < cfg.train.max_steps:
-        losses += train_step(engine, data.train, cfg, worker, flops, throughput)
+        losses.append(train_step(engine, data.train, cfg, worker, flops, throughput))
         state.step += 1
-        state.position = data.train.position
         last_step = state.step == cfg.train.max_steps
 
         if state.step % cfg.train.log_every == 0 or last_step:
@@ -259,6 +275,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             progress.evaluated(state.step, last_eval)
             throughput.reset()  # eval time is not training throughput
         if checkpoint_due:
+            data.train.forget_epochs_before(all_min(data.train.position.window[0], worker.device))
+            state.position = data.train.position
             save_and_report(engine, cfg, state, {"step": state.step, **last_eval}, worker.rank, worker.world_size)
             progress.saved(state.step)
             throughput.reset()

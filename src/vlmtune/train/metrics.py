@@ -8,12 +8,16 @@ real crop (global view + hc·wc tiles) and gets a backward pass only if somethin
 
 from __future__ import annotations
 
+import math
+import re
 import resource
 import sys
 import time
 from dataclasses import dataclass
 
 import torch
+
+from vlmtune.models.loading import vision_tower
 
 # Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets; matched on the device name.
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0,
@@ -45,25 +49,32 @@ class FlopCounter:
 
     @classmethod
     def for_model(cls, model: torch.nn.Module) -> FlopCounter:
-        """Read sizes and what trains from a (possibly PEFT-wrapped) Phi3VForCausalLM."""
+        """Read sizes and what trains from a (possibly PEFT-wrapped, possibly ZeRO-3-partitioned)
+        Phi3VForCausalLM. Only the CLIP layers up to the feature layer run, so only they count."""
         config = model.config
         vcfg = config.vision_config
+        used = vision_tower(model).num_layers_used
         text_params = vision_params = 0
         text_weights_train = vision_backward = False
         for name, p in model.named_parameters():
-            is_vision = "img_processor" in name
-            if is_vision:
-                vision_params += p.numel() if p.ndim >= 2 and "lora_" not in name else 0
+            shape = getattr(p, "ds_shape", p.shape)  # ZeRO-3 keeps the full shape aside
+            matmul = len(shape) >= 2 and "lora_" not in name
+            if "img_processor" in name:
+                layer = re.search(r"encoder\.layers\.(\d+)\.", name)
+                runs = "post_layernorm" not in name and (layer is None or int(layer.group(1)) < used)
+                vision_params += math.prod(shape) if matmul and runs else 0
                 vision_backward |= p.requires_grad
-            elif p.ndim >= 2 and "embed_tokens" not in name and "lora_" not in name and "vision_embed" not in name:
-                text_params += p.numel()
+            elif matmul and "embed_tokens" not in name and "vision_embed" not in name:
+                text_params += math.prod(shape)
                 text_weights_train |= p.requires_grad
         return cls(text_params, config.num_hidden_layers, config.hidden_size, vision_params,
-                   (vcfg.image_size // vcfg.patch_size) ** 2 + 1, vcfg.num_hidden_layers, vcfg.hidden_size,
+                   (vcfg.image_size // vcfg.patch_size) ** 2 + 1, used, vcfg.hidden_size,
                    text_weights_train, vision_backward, vcfg.image_size)
 
-    def step_flops(self, attention_mask: torch.Tensor, image_sizes: torch.Tensor) -> float:
-        lengths = attention_mask.sum(dim=1).double()
+    def step_flops(self, lengths: list[int], image_sizes: torch.Tensor) -> float:
+        """FLOPs of one forward+backward over samples of these token counts (attention stays within each
+        sample, packed or not) and these images (HD sizes, as the processor returns them)."""
+        lengths = torch.tensor(lengths, dtype=torch.float64)
         tokens = float(lengths.sum())
         attention = float((2 * self.text_layers * self.text_hidden * lengths**2).sum())  # causal: QK^T + AV, halved
         text_fwd = 2 * self.text_params * tokens + attention
@@ -85,21 +96,29 @@ class Throughput:
 
     def reset(self) -> None:
         self.start = time.perf_counter()
-        self.samples = self.tokens = 0
+        self.samples = self.tokens = self.image_tokens = self.positions = 0
         self.flops = 0.0
 
-    def add(self, samples: int, tokens: int, flops: float) -> None:
+    def add(self, samples: int, tokens: int, image_tokens: int, positions: int, flops: float) -> None:
+        """`tokens` real tokens, `image_tokens` of them image slots, over `positions` input positions (padding
+        included)."""
         self.samples += samples
         self.tokens += tokens
+        self.image_tokens += image_tokens
+        self.positions += positions
         self.flops += flops
 
     def snapshot(self) -> dict:
-        """Per-worker rates since the last snapshot (× world size for cluster totals)."""
+        """Rates since the last snapshot: throughput for the whole cluster (this rank's × world size, ranks
+        run in lockstep), TFLOP/s and MFU per worker, and the share of input positions that were padding."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = max(time.perf_counter() - self.start, 1e-9)
-        stats = {"samples_per_s": self.samples * self.world_size / seconds,
-                 "tokens_per_s": self.tokens * self.world_size / seconds,
+        scale = self.world_size / seconds
+        stats = {"samples_per_s": self.samples * scale, "tokens_per_s": self.tokens * scale,
+                 "image_tokens_per_s": self.image_tokens * scale,
+                 "text_tokens_per_s": (self.tokens - self.image_tokens) * scale,
+                 "padding_share": 1 - self.tokens / self.positions if self.positions else 0.0,
                  "tflops_per_worker": self.flops / seconds / 1e12}
         if self.peak:
             stats["mfu"] = self.flops / seconds / self.peak

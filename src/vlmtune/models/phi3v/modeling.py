@@ -236,6 +236,9 @@ class Phi3VForCausalLM(Phi3VPreTrainedModel, Phi3ForCausalLM):
 
         The KV cache travels in `kwargs` under whichever name the installed transformers uses
         (`past_key_values` up to 5.23, `cache` from 5.24), and comes back in the output the same way.
+
+        Packed rows (several samples in one row, `position_ids` restarting at 0 for each, no attention mask,
+        `use_cache=False`: see `data.collate.pack`) keep attention inside each sample.
         """
         outputs = self.model(
             input_ids=input_ids,
