@@ -87,6 +87,8 @@ class CatalogServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as image CDNs do: clients reuse their connections
+
             def log_message(self, *args):
                 pass
 

@@ -108,6 +108,15 @@ def test_requests_to_one_host_are_capped(server):
     assert server.max_in_flight == 2
 
 
+def test_one_fetcher_keeps_working_after_failures(server):
+    """Error pages and oversized bodies are not left on pooled connections for the next request to read."""
+    fetcher = Fetcher(FAST.model_copy(update={"max_bytes": 100_000, "retries": 0}))  # no retry to hide a bad reuse
+    for path in ("/status/404", "/big", "/html", "/status/404"):
+        with pytest.raises(ImageError):
+            fetcher.fetch(server.url(path))
+        assert fetcher.fetch(server.url("/img/good.jpg")) == server.files["good.jpg"]
+
+
 def test_html_instead_of_an_image(server):
     with pytest.raises(ImageError, match=r"not an image \(got text/html\)"):
         fetch(server.url("/html"))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -127,16 +128,16 @@ def image_sources(raw: dict, cfg: CatalogConfig) -> list[str]:
     return sources
 
 
-def _local_image(source: str, base: Path | None) -> str:
-    """Relative local image paths are relative to `base` (image_root, or the catalog file's folder)."""
+def _local_image(source: str, base: str | None) -> str:
+    """Relative local image paths are relative to `base` (image_root, or the catalog file's folder; absolute).
+    Plain string operations: this runs for every row of catalogs with millions."""
     if base is None or urlparse(source).scheme.lower() not in {"", "file"}:
         return source  # URLs, and sources the fetch will reject with their reason
-    local = Path(source.removeprefix("file://"))
-    return str(local if local.is_absolute() else (base / local).resolve())
+    return os.path.normpath(os.path.join(base, source.removeprefix("file://")))
 
 
 def normalise_row(raw: dict, row: int, cfg: CatalogConfig, purpose: Purpose = "labels", max_images: int = 1,
-                  image_base: Path | None = None, notes: list[Reject] | None = None) -> dict | Reject:
+                  image_base: str | None = None, notes: list[Reject] | None = None) -> dict | Reject:
     """One raw row → a record, or a Reject saying which field is wrong. With purpose 'predict', label fields
     that are missing become None, and unusable ones too, with the reason appended to `notes`."""
     cols = cfg.columns
@@ -255,8 +256,9 @@ def _hf_chunks(cfg: CatalogConfig) -> Iterator[list[dict]]:
         yield [dict(zip(names, values, strict=True)) for values in zip(*batch.values(), strict=True)]
 
 
-def _raw_chunks(cfg: CatalogConfig) -> tuple[Iterator[list[dict]], str | None, Path | None]:
-    """(chunks of raw rows, local kind or None for a HF data set, base directory of relative image paths)."""
+def _raw_chunks(cfg: CatalogConfig) -> tuple[Iterator[list[dict]], str | None, str | None]:
+    """(chunks of raw rows, local kind or None for a HF data set, absolute base directory of relative image
+    paths)."""
     source = cfg.source
     path = Path(source)
     kind = LOCAL_SUFFIXES.get(path.suffix.lower())
@@ -264,11 +266,11 @@ def _raw_chunks(cfg: CatalogConfig) -> tuple[Iterator[list[dict]], str | None, P
         raise CatalogError(f"catalog file not found: {source}")
     if path.is_file() and not kind:
         raise CatalogError(f"{source}: unknown catalog format '{path.suffix}' (use .csv, .parquet or .jsonl)")
-    root = Path(cfg.image_root) if cfg.image_root else None
+    root = str(Path(cfg.image_root).resolve()) if cfg.image_root else None
     if not kind:
         return _hf_chunks(cfg), None, root
     readers = {"csv": _csv_chunks, "parquet": _parquet_chunks, "jsonl": _jsonl_chunks}
-    return readers[kind](path, cfg.chunk_rows, cfg.limit), kind, root or path.parent.resolve()
+    return readers[kind](path, cfg.chunk_rows, cfg.limit), kind, root or str(path.parent.resolve())
 
 
 def stream_catalog(cfg: CatalogConfig, purpose: Purpose = "labels", max_images: int = 1,

@@ -13,9 +13,9 @@ otherwise.
 Normalising costs far more than fetching, so it does as little pixel work as the output needs: a JPEG
 at least twice the target size is decoded at 1/2, 1/4 or 1/8 scale in the DCT domain (`Image.draft`), the
 image is decoded once (the structural `verify()` pass runs only for formats where it checks something, such
-as PNG's chunk CRCs) and never copied at full size (EXIF orientation is applied in place), the downscaling
-filter is `resample` (box by default, see config.ImageConfig), and the JPEG is encoded without a second
-Huffman-optimising pass. docs/performance.md has the measurements.
+as PNG's chunk CRCs) and never copied at full size (EXIF orientation is applied in place), and the
+downscaling filter is `resample` (box by default, see config.ImageConfig). docs/performance.md has the
+measurements.
 """
 
 from __future__ import annotations
@@ -98,9 +98,11 @@ class Fetcher:
                 raise ImageError(f"{_failure(e.reason, cfg)} (after {cfg.retries + 1} attempts)") from None
             except (HTTPError, OSError) as e:
                 raise ImageError(_failure(e, cfg)) from None
+            complete = False
             try:
                 if response.status >= 400:
-                    retried = len(response.retries.history) if response.retries else 0
+                    history = response.retries.history if response.retries else ()
+                    retried = sum(1 for h in history if h.redirect_location is None)  # redirects are no retries
                     after = f" (after {retried + 1} attempts)" if retried else ""
                     raise ImageError(f"HTTP {response.status} {response.reason}{after}")
                 length = response.headers.get("Content-Length", "")
@@ -110,12 +112,15 @@ class Fetcher:
                 if content_type.startswith("text/"):
                     raise ImageError(f"not an image (got {content_type})")
                 data = response.read(cfg.max_bytes + 1)
+                if len(data) > cfg.max_bytes:
+                    raise ImageError(f"larger than the {cfg.max_bytes} byte limit (images.max_bytes)")
+                complete = True
             except (HTTPError, OSError) as e:
                 raise ImageError(f"{_failure(e, cfg)} while reading the body") from None
             finally:
+                if not complete:  # an unread body must not be left on a connection the pool reuses
+                    response.close()
                 response.release_conn()
-        if len(data) > cfg.max_bytes:
-            raise ImageError(f"larger than the {cfg.max_bytes} byte limit (images.max_bytes)")
         return data
 
     def _read_local(self, path: Path) -> bytes:
@@ -186,7 +191,7 @@ def resize_max_side(image: Image.Image, max_side: int, resample: str = "box") ->
 
 def encode_jpeg(image: Image.Image, quality: int) -> bytes:
     buf = io.BytesIO()
-    image.save(buf, format="JPEG", quality=quality)
+    image.save(buf, format="JPEG", quality=quality, optimize=True)  # ~1 ms more, ~17% smaller shards
     return buf.getvalue()
 
 

@@ -229,8 +229,8 @@ def predict(cfg: Config, model: str, source: str, output: str, split: str = "val
 def _report_catalog(source: str, rows: CatalogRows) -> None:
     """Rows that cannot be predicted (no id, no usable image, a repeated id) and label values that cannot
     serve as targets, said once each with the first examples (no id is silently left out)."""
-    for what, items in (("rows not predicted", rows.rejects), ("rows without a usable target value (predicted "
-                                                                 "all the same)", rows.target_notes)):
+    for what, items in (("row(s) not predicted", rows.rejects),
+                        ("row(s) without a usable target value (predicted all the same)", rows.target_notes)):
         if items:
             examples = "; ".join(f"row {r.row}: {r.reason}" for r in items[:3])
             log.warning("%s: %d %s, e.g. %s", source, len(items), what, examples)
