@@ -153,27 +153,25 @@ class Journal:
 
     def open(self) -> dict[str, dict]:
         """Entries of the shards earlier runs finished and that are still intact, by shard name; starts a
-        fresh journal when there is none. Refuses a journal from a different catalog or config, since
-        continuing it would mix two data sets."""
+        fresh journal when there is none, or when none of its shards was finished. Refuses a journal of
+        finished shards from a different catalog or config, since continuing it would mix two data sets."""
         fs, root = filesystem(self.out_dir)
-        fs.makedirs(f"{root}/{PROGRESS}", exist_ok=True)
-        header_url = join(self.dir, "header.json")
-        if any(fs.exists(f"{root}/{PROGRESS}/{split}/header.json") for split in SPLITS):
+        progress = f"{root}/{PROGRESS}"
+        fs.makedirs(progress, exist_ok=True)
+        if any(fs.exists(f"{progress}/{split}/header.json") for split in SPLITS):
             raise ShardError(f"{self.out_dir} holds shards prepared by an older vlmtune (journal per split); use "
                              "another output directory or delete this one")
-        if not fs.exists(f"{root}/{PROGRESS}/header.json"):
-            write_atomic(header_url, json.dumps(self.header))
-            return {}
-        with fs.open(f"{root}/{PROGRESS}/header.json", "r") as fh:
-            previous = json.load(fh)
+        paths = [p for p in fs.glob(f"{progress}/*.json") if not p.endswith("/header.json")]  # [] on a fresh S3 prefix
+        previous = json.loads(fs.cat(f"{progress}/header.json")) if fs.exists(f"{progress}/header.json") else None
         if previous != self.header:
-            changed = sorted(k for k in self.header if previous.get(k) != self.header[k])
-            raise ShardError(
-                f"{self.out_dir} holds shards prepared from a different catalog or config (changed: "
-                f"{', '.join(changed)}); use another output directory or delete this one")
+            if paths:
+                changed = sorted(k for k in self.header if previous.get(k) != self.header[k])
+                raise ShardError(
+                    f"{self.out_dir} holds shards prepared from a different catalog or config (changed: "
+                    f"{', '.join(changed)}); use another output directory or delete this one")
+            write_atomic(join(self.dir, "header.json"), json.dumps(self.header))
+            return {}
         files = {p["name"].rsplit("/", 1)[1]: p["size"] for p in fs.ls(root, detail=True)}
-        paths = [p for p in fs.ls(f"{root}/{PROGRESS}", detail=False)
-                 if p.endswith(".json") and not p.endswith("/header.json")]
         finished = {}
         for data in fs.cat(paths).values() if paths else ():
             entry = json.loads(data)
