@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/loader.py
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/predict.py
+	$(BIN)/python bench/prepare.py
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache

@@ -1,4 +1,5 @@
-"""Look at prepared shards: manifest totals, reject reasons, and a contact sheet of labelled images.
+"""Look at prepared shards: manifest totals, reject reasons, and a contact sheet of labelled images (a product's
+several images side by side).
 
     python jobs/inspect_shards.py outputs/demo/shards [--split val] [--n 24] [--out sheet.png]
 """

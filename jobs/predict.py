@@ -5,7 +5,9 @@
 
 --model: an export directory, a training checkpoint (exported first), a hub id or tiny-phi3v. --input: a
 shard directory (its --split is read) or a catalog file (CSV/Parquet/JSONL, fetched and resized by the same
-image pipeline as prepare). --output is a Parquet dataset directory; rerunning skips the ids already in it.
+image pipeline as prepare). A catalog needs only the id and image column(s) (data.catalog.columns): new
+products without a title, category or price are what the model prices; label columns that are there are
+kept as targets. --output is a Parquet dataset directory; rerunning skips the ids already in it.
 """
 
 from __future__ import annotations

@@ -34,7 +34,11 @@ class ColumnMapping(_Section):
     full_price: str = "full_price"
     price: str | None = "price"
     currency: str | None = "currency_code"
-    image: str = "imageurl"
+    image: str | list[str] = Field("imageurl", description="the image column, or several (front, back, detail …); "
+                                   "a cell may also hold several URLs: a list, a JSON array, or text split at "
+                                   "image_separator")
+    image_separator: str | None = Field(None, description="splits text cells of the image column(s) into several "
+                                        "URLs, e.g. '|'")
 
 
 class CatalogConfig(_Section):
@@ -48,6 +52,8 @@ class CatalogConfig(_Section):
     image_root: str | None = Field(None, description="base directory for relative local image paths")
     default_currency: str = "USD"
     limit: int | None = Field(None, ge=1, description="read only the first N rows (smoke runs)")
+    chunk_rows: int = Field(10_000, ge=1, description="catalog rows read and normalised at a time: the full rows "
+                            "of one chunk are all the driver holds besides the shard plan")
 
 
 class ImageConfig(_Section):
@@ -56,24 +62,38 @@ class ImageConfig(_Section):
     max_side: int = Field(768, ge=32, description="resize so the longer side is at most this many pixels")
     min_side: int = Field(16, ge=1, description="reject images with a shorter side below this")
     jpeg_quality: int = Field(90, ge=1, le=100)
-    timeout_s: float = Field(15.0, gt=0)
-    retries: int = Field(3, ge=0, description="retries on 5xx, timeouts and connection errors (never on 4xx)")
-    backoff_s: float = Field(0.5, ge=0, description="first retry delay; doubles each attempt")
+    resample: Literal["box", "bilinear", "bicubic", "lanczos"] = Field(
+        "box", description="downscaling filter: box averages the source pixels each output pixel covers (what "
+        "OpenCV calls INTER_AREA); lanczos is sharper and costs about 3x more")
+    max_per_product: int = Field(1, ge=1, description="the first N images a product lists are fetched; those "
+                                 "that pass validation become the sample's images (prompt <|image_1|>…<|image_N|>)")
+    timeout_s: float = Field(15.0, gt=0, description="connect and read timeout of one request")
+    retries: int = Field(3, ge=0, description="retries of a download on 408/429/5xx, timeouts and connection "
+                         "errors (never on other 4xx)")
+    backoff_s: float = Field(0.5, ge=0, description="backoff factor: retry k waits backoff_s * 2^(k-1) (the "
+                             "first retry goes at once), unless the server says Retry-After")
+    retry_after_max_s: int = Field(60, ge=0, description="longest Retry-After (429, 503) waited for; a longer "
+                                   "one is cut to this")
+    max_per_host: int = Field(8, ge=1, description="requests in flight to one host from one fetch task")
+    user_agent: str = Field("vlmtune/0.1 (+https://github.com/vlmtune/vlmtune)",
+                            description="User-Agent of every image request; name yourself to the sites you fetch from")
     max_bytes: int = Field(25_000_000, ge=1024, description="largest accepted download")
     max_pixels: int = Field(60_000_000, ge=1024, description="decompression-bomb limit")
-    fetch_threads: int = Field(16, ge=1, description="concurrent downloads inside one Ray Data task")
+    fetch_threads: int = Field(16, ge=1, description="concurrent fetches inside one task")
 
 
 class ShardConfig(_Section):
     """The WebDataset output of prepare and the input of train/evaluate."""
 
     dir: str = "outputs/shards"
-    samples_per_shard: int = Field(256, ge=1)
-    max_shard_bytes: int = Field(1_000_000_000, ge=1_000_000)
+    samples_per_shard: int = Field(256, ge=1, description="catalog rows planned into each shard (in id-hash "
+                                   "order); a shard holds fewer samples when some of its rows are rejected")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
     split_salt: str = "vlmtune-split-v1"
-    rows_per_task: int = Field(32, ge=1, description="catalog rows per Ray Data fetch task")
-    max_concurrent_tasks: int | None = Field(None, ge=1, description="Ray Data fetch concurrency (default: auto)")
+    rows_per_task: int = Field(32, ge=1, description="catalog rows per fetch batch when predicting from a "
+                               "catalog (prepare fetches one shard per task)")
+    max_concurrent_tasks: int | None = Field(None, ge=1, description="shard tasks running at once (default: the "
+                                             "cluster's CPUs)")
 
 
 class PromptConfig(_Section):

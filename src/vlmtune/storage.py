@@ -7,8 +7,11 @@ Writes that readers may race with are atomic: a temporary name, then a rename.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import fsspec
 
@@ -33,12 +36,26 @@ def filesystem(url: str):
     return fsspec.core.url_to_fs(url.rstrip("/"))
 
 
-def write_atomic(url: str, data: str | bytes) -> None:
-    """Write `url` whole or not at all: a reader never sees a half-written file (works on object stores)."""
+@contextlib.contextmanager
+def open_atomic(url: str, mode: str = "wb") -> Iterator[IO]:
+    """A file to write `url` through, whole or not at all: it is written under `<url>.partial` and renamed when
+    the block ends without an exception (removed when it raises). A reader never sees a half-written file
+    (works on object stores, where the rename is a copy of the finished object)."""
     fs, path = filesystem(url)
-    with fs.open(path + ".partial", "wb" if isinstance(data, bytes) else "w") as fh:
-        fh.write(data)
+    try:
+        with fs.open(path + ".partial", mode) as fh:
+            yield fh
+    except BaseException:
+        with contextlib.suppress(OSError):
+            fs.rm(path + ".partial")
+        raise
     fs.mv(path + ".partial", path)
+
+
+def write_atomic(url: str, data: str | bytes) -> None:
+    """Write `url` whole or not at all (see `open_atomic`)."""
+    with open_atomic(url, "wb" if isinstance(data, bytes) else "w") as fh:
+        fh.write(data)
 
 
 def read_text(url: str) -> str:

@@ -1,8 +1,11 @@
-"""A loopback HTTP server that misbehaves on purpose, and image factories for the data tests."""
+"""A loopback HTTP server that misbehaves on purpose, a loopback S3 server, and image factories for the data
+tests."""
 
 from __future__ import annotations
 
 import io
+import os
+import socket
 import threading
 import time
 from collections import Counter
@@ -10,6 +13,21 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from PIL import Image
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# s3:// in these tests is a moto server on loopback. Shards are written by Ray tasks, so the worker processes
+# must know the endpoint too: they inherit it from this environment, set before the session's Ray starts.
+S3_PORT = _free_port()
+os.environ["FSSPEC_S3_ENDPOINT_URL"] = f"http://127.0.0.1:{S3_PORT}"
+for _key, _value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                     "AWS_DEFAULT_REGION": "us-east-1"}.items():
+    os.environ.setdefault(_key, _value)
 
 
 def jpeg_bytes(size=(64, 48), colour=(200, 30, 30), mode="RGB", fmt="JPEG", **save) -> bytes:
@@ -53,16 +71,24 @@ def bomb_png(side=5000) -> bytes:
 class CatalogServer:
     """Routes: /img/<name> from `files`; /status/<code>; /flaky/<name> (500 twice, then the image);
     /delay/<name> (the image after `delay_s`); /slow (sleeps longer than any test timeout); /html;
-    /big (larger than the size cap)."""
+    /big (larger than the size cap); /busy/<code>/<seconds>/<name> (<code> with `Retry-After: <seconds>` on
+    the first request, then the image). It records each request's time and headers, and the most requests
+    it ever had in flight at once."""
 
     def __init__(self):
         self.files: dict[str, bytes] = {}
         self.hits: Counter = Counter()
+        self.times: dict[str, list[float]] = {}
+        self.headers: dict[str, dict] = {}
         self.flaky_failures = 2
         self.delay_s = 0.1
+        self.in_flight = self.max_in_flight = 0
+        lock = threading.Lock()
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as image CDNs do: clients reuse their connections
+
             def log_message(self, *args):
                 pass
 
@@ -74,8 +100,29 @@ class CatalogServer:
                 self.wfile.write(body)
 
             def do_GET(self):
+                with lock:
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    self.route()
+                finally:
+                    with lock:
+                        server.in_flight -= 1
+
+            def route(self):
                 path = self.path
                 server.hits[path] += 1
+                server.times.setdefault(path, []).append(time.monotonic())
+                server.headers[path] = dict(self.headers)
+                if path.startswith("/busy/"):
+                    _, _, code, seconds, name = path.split("/")
+                    if server.hits[path] == 1:
+                        self.send_response(int(code))
+                        self.send_header("Retry-After", seconds)
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return None
+                    return self._send(200, server.files[name])
                 if path.startswith("/img/") and path[5:] in server.files:
                     return self._send(200, server.files[path[5:]])
                 if path.startswith("/status/"):
@@ -128,3 +175,17 @@ def server():
     })
     yield srv
     srv.close()
+
+
+@pytest.fixture(scope="session")
+def s3_bucket():
+    """An empty bucket on a moto S3 server at FSSPEC_S3_ENDPOINT_URL; → 's3://<bucket>'."""
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    fsspec.config.set_conf_env(fsspec.config.conf)  # in case fsspec was imported before the variable was set
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=S3_PORT, verbose=False)
+    server.start()
+    fsspec.filesystem("s3").mkdir("vlmtune-test")
+    yield "s3://vlmtune-test"
+    server.stop()

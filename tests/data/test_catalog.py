@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from vlmtune.config import CatalogConfig, ColumnMapping
-from vlmtune.data.catalog import CatalogError, parse_price, read_catalog
+from vlmtune.data.catalog import CatalogError, Reject, parse_price, read_catalog, stream_catalog
 
 HEADER = "product_code,title,category1_code,category2_code,category3_code,full_price,price,currency_code,imageurl"
 ROWS = [
@@ -47,7 +47,7 @@ def test_messy_burberry_csv(messy_csv):
     assert rows.records[1]["currency"] == "USD"
     cafe = rows.records[2]
     assert cafe["title"] == "Café Crème Trench – “Heritage”" and cafe["full_price"] == 2390.0
-    assert cafe["image"] == str(messy_csv.parent / "img" / "e.jpg")
+    assert cafe["images"] == [str(messy_csv.parent / "img" / "e.jpg")]
     assert rows.records[3]["full_price"] == 1234.0 and rows.records[3]["currency"] == "USD"
 
     reasons = {r.row: r.reason for r in rows.rejects}
@@ -101,8 +101,8 @@ def test_column_mapping_and_missing_columns(tmp_path):
     mapping = ColumnMapping(id="sku", title="name", category=["cat"], full_price="cost", price=None, currency=None,
                             image="pic")
     rows = read_catalog(CatalogConfig(source=str(path), columns=mapping, default_currency="EUR"))
-    assert rows.records[0] | {"image": None} == {"id": "1", "title": "Hat", "category": ["Hats"], "full_price": 10.0,
-                                                 "price": 10.0, "currency": "EUR", "image": None, "row": 0}
+    assert rows.records[0] == {"id": "1", "title": "Hat", "category": ["Hats"], "full_price": 10.0, "price": 10.0,
+                               "currency": "EUR", "images": ["https://e.x/1.jpg"], "row": 0}
 
 
 def test_missing_file_and_unknown_format(tmp_path):
@@ -120,3 +120,95 @@ def test_missing_file_and_unknown_format(tmp_path):
 ])
 def test_parse_price(value, expected):
     assert parse_price(value) == expected
+
+
+@pytest.mark.parametrize("suffix", ["csv", "parquet", "jsonl"])
+def test_streaming_reads_a_catalog_larger_than_its_chunks(messy_csv, tmp_path, suffix):
+    """14 rows read 3 at a time: chunks never exceed 3 rows, row numbers run on across chunks, a duplicate
+    in a later chunk is still found, and the result is what one big chunk gives."""
+    frame = pd.read_csv(messy_csv, dtype=str, keep_default_na=False)
+    path = tmp_path / f"catalog.{suffix}"
+    if suffix == "parquet":
+        frame.to_parquet(path, row_group_size=5)
+    elif suffix == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in frame.to_dict(orient="records")))
+    else:
+        path = messy_csv
+    chunks = list(stream_catalog(CatalogConfig(source=str(path), chunk_rows=3)))
+    assert [len(c) for c in chunks] == [3, 3, 3, 3, 2]
+    items = [item for chunk in chunks for item in chunk]
+    rows = [item.row if isinstance(item, Reject) else item["row"] for item in items]
+    assert rows == list(range(14))
+    assert items[6] == Reject(6, "100", "duplicate id (kept row 0)")
+    whole = read_catalog(CatalogConfig(source=str(path), chunk_rows=1000))
+    assert [i for i in items if not isinstance(i, Reject)] == whole.records
+    limited = list(stream_catalog(CatalogConfig(source=str(path), chunk_rows=3, limit=7)))
+    assert [len(c) for c in limited] == [3, 3, 1]
+
+
+MULTI = [
+    {"product_code": "1", "title": "Tote", "category1_code": "Bags", "full_price": "100",
+     "imageurl": '["https://e.x/1a.jpg", "https://e.x/1b.jpg", "https://e.x/1c.jpg"]', "back": "https://e.x/1z.jpg"},
+    {"product_code": "2", "title": "Belt", "category1_code": "Belts", "full_price": "50",
+     "imageurl": "https://e.x/2a.jpg", "back": "https://e.x/2b.jpg"},
+    {"product_code": "3", "title": "Hat", "category1_code": "Hats", "full_price": "30", "imageurl": "",
+     "back": "https://e.x/3b.jpg"},
+    {"product_code": "4", "title": "Cap", "category1_code": "Hats", "full_price": "30",
+     "imageurl": "https://e.x/4a.jpg | https://e.x/4a.jpg | ftp://e.x/4b.jpg", "back": ""},
+    {"product_code": "5", "title": "Scarf", "category1_code": "Scarves", "full_price": "80",
+     "imageurl": "ftp://e.x/5a.jpg", "back": ""},
+    {"product_code": "6", "title": "Bag", "category1_code": "Bags", "full_price": "80", "imageurl": "", "back": ""},
+]
+
+
+def test_several_images_per_product(tmp_path):
+    path = tmp_path / "multi.csv"
+    pd.DataFrame(MULTI).to_csv(path, index=False)
+    columns = ColumnMapping(category=["category1_code"], price=None, currency=None, image=["imageurl", "back"],
+                            image_separator="|")
+    rows = read_catalog(CatalogConfig(source=str(path), columns=columns), max_images=2)
+    images = {r["id"]: r["images"] for r in rows.records}
+    assert images == {"1": ["https://e.x/1a.jpg", "https://e.x/1b.jpg"],  # the first two listed, JSON array
+                      "2": ["https://e.x/2a.jpg", "https://e.x/2b.jpg"],  # one per column, in column order
+                      "3": ["https://e.x/3b.jpg"],
+                      "4": ["https://e.x/4a.jpg", "ftp://e.x/4b.jpg"]}  # repeats dropped; ftp fails when fetched
+    assert {r.id: r.reason for r in rows.rejects} == {
+        "5": "unsupported image source scheme 'ftp' (only http, https and local paths)",
+        "6": "missing image (columns imageurl, back)"}
+    one = read_catalog(CatalogConfig(source=str(path), columns=columns))
+    assert {r["id"]: r["images"] for r in one.records}["1"] == ["https://e.x/1a.jpg"]
+
+
+def test_list_columns_of_typed_sources(tmp_path):
+    frame = pd.DataFrame({"product_code": [1], "title": ["Tote"], "category1_code": ["Bags"], "full_price": [10.0],
+                          "imageurl": [["https://e.x/a.jpg", None, "https://e.x/b.jpg"]]})
+    frame.to_parquet(tmp_path / "list.parquet")
+    columns = ColumnMapping(category=["category1_code"], price=None, currency=None)
+    rows = read_catalog(CatalogConfig(source=str(tmp_path / "list.parquet"), columns=columns), max_images=4)
+    assert rows.records[0]["images"] == ["https://e.x/a.jpg", "https://e.x/b.jpg"]
+
+
+def test_new_products_without_labels_can_be_predicted_but_not_trained_on(tmp_path):
+    path = tmp_path / "new.csv"
+    path.write_text("product_code,imageurl\nN1,https://e.x/n1.jpg\nN2,\n")
+    with pytest.raises(CatalogError, match=r"columns \['title', 'full_price'\] not found"):
+        read_catalog(CatalogConfig(source=str(path)))
+    rows = read_catalog(CatalogConfig(source=str(path)), purpose="predict")
+    assert rows.records == [{"id": "N1", "title": None, "category": None, "full_price": None, "price": None,
+                             "currency": "USD", "images": ["https://e.x/n1.jpg"], "row": 0}]
+    assert [(r.row, r.reason) for r in rows.rejects] == [(1, "missing image (column 'imageurl')")]
+
+
+def test_labels_present_in_a_prediction_catalog_are_kept_as_targets(messy_csv):
+    rows = read_catalog(CatalogConfig(source=str(messy_csv)), purpose="predict")
+    by_id = {r["id"]: r for r in rows.records}
+    assert by_id["100"]["full_price"] == 1234.0 and by_id["100"]["title"] == "Trench Coat"
+    assert by_id["102"]["full_price"] is None and by_id["102"]["price"] == 100.0  # no full price: still predicted
+    assert by_id["105"]["full_price"] is None and by_id["108"]["title"] is None and by_id["109"]["category"] is None
+    assert {r.row: r.reason for r in rows.rejects} == {
+        6: "duplicate id (kept row 0)", 8: "unsupported image source scheme 'ftp' (only http, https and local paths)",
+        10: "missing id (column 'product_code')"}
+    assert {(n.row, n.reason) for n in rows.target_notes} == {
+        (4, "full_price negative (-20) (column 'full_price')"), (5, "full_price not a price: 'free' (column "
+                                                                   "'full_price')"),
+        (12, "price negative (-1) (column 'price')")}

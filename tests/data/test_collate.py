@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from PIL import Image
@@ -16,8 +18,13 @@ META = {"id": "7", "title": "Honey Check Leather Tote", "category": ["Women", "B
 
 
 @pytest.fixture(scope="module")
-def processor():
-    return load("tiny-phi3v")[1]
+def tiny():
+    return load("tiny-phi3v")
+
+
+@pytest.fixture(scope="module")
+def processor(tiny):
+    return tiny[1]
 
 
 def sample(size=(120, 90)):
@@ -46,6 +53,15 @@ def test_generation_prompt_has_no_answer(processor):
     assert processor.tokenizer.decode(out["input_ids"]).endswith("<|assistant|>\n")
 
 
+def test_a_new_product_without_labels_gets_a_prompt_but_nothing_to_learn(processor):
+    new = {"key": "n1", "image": sample()["image"], "meta": {"id": "n1", "title": None, "category": None,
+                                                               "full_price": None, "currency": "USD"}}
+    out = SampleEncoder(processor, PromptConfig(), max_length=512, with_answer=False)(new)
+    assert out["target"] == "" and processor.tokenizer.decode(out["input_ids"]).endswith("<|assistant|>\n")
+    with pytest.raises(SampleSkipped, match="n1: no answer to learn"):
+        SampleEncoder(processor, PromptConfig(), max_length=512)(new)
+
+
 def test_too_long_samples_are_skipped(processor):
     with pytest.raises(SampleSkipped, match=r"tokens > model\.max_length=40"):
         SampleEncoder(processor, PromptConfig(), max_length=40)(sample())
@@ -67,3 +83,48 @@ def test_collate_pads_and_masks_by_length(processor):
     left = collate([a, b], pad, padding_side="left")
     assert left["attention_mask"][0, : left["input_ids"].shape[1] - n].sum() == 0
     assert torch.equal(left["input_ids"][0, -n:], a["input_ids"])
+
+
+def test_one_image_gives_exactly_the_single_image_prompt(processor):
+    encoder = SampleEncoder(processor, PromptConfig(), max_length=512)
+    assert encoder.prompt_text(1) == processor.apply_chat_template(
+        [{"role": "user", "content": "<|image_1|>\nWhat is shown in this image?"}])
+    one = encoder(sample())
+    same = encoder({**sample(), "images": [sample()["image"]]})
+    assert torch.equal(one["input_ids"], same["input_ids"]) and torch.equal(one["pixel_values"], same["pixel_values"])
+
+
+def two_images(size=(120, 90)):
+    return {"key": "k7", "meta": META,
+            "images": [Image.new("RGB", size, (200, 150, 60)), Image.new("RGB", (60, 200), (20, 40, 160))]}
+
+
+def test_two_images_fill_two_tags_in_order(processor):
+    encoder = SampleEncoder(processor, PromptConfig(), max_length=1024)
+    out = encoder(two_images())
+    assert "<|image_1|>\n<|image_2|>\nWhat is shown in this image?" in encoder.prompt_text(2)
+    assert out["pixel_values"].shape[0] == 2 and out["image_sizes"].shape == (2, 2)
+    slots = int((out["input_ids"] == processor.image_token_id).sum())
+    per_image = [processor.calc_num_image_tokens_from_image_size(w, h) for w, h in ((120, 90), (60, 200))]
+    assert slots == sum(per_image)
+    assert processor.tokenizer.decode(out["input_ids"][out["labels"] != IGNORE_INDEX]).startswith("Product: ")
+
+
+def test_batches_mixing_one_and_two_image_samples_stay_aligned_and_train(tiny):
+    """collate concatenates images sample after sample; the model fills each row's slots with that row's
+    images, and a few optimizer steps on such a batch bring its loss down."""
+    model, processor = tiny
+    encoder = SampleEncoder(processor, PromptConfig(), max_length=1024)
+    batch = collate([encoder(two_images()), encoder(sample((80, 80)))], processor.tokenizer.pad_token_id)
+    assert batch["pixel_values"].shape[0] == 3
+    assert model.images_by_row(batch["input_ids"], batch["image_sizes"]) == [[0, 1], [2]]
+    model = copy.deepcopy(model).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(6):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,10 +16,23 @@ from pathlib import Path
 
 import pytest
 
+from tests.data.conftest import jpeg_bytes
 from vlmtune.config import CatalogConfig, DataConfig, ImageConfig, ShardConfig, load_config
+from vlmtune.data.plan import plan_shards
 from vlmtune.data.prepare import prepare
 from vlmtune.data.sample import generate_sample_catalog
-from vlmtune.data.shards import ShardError, load_manifest, sha256_file, split_of
+from vlmtune.data.shards import (
+    Journal,
+    ShardError,
+    ShardStream,
+    load_manifest,
+    order_rank,
+    sha256_file,
+    split_of,
+    split_shards,
+    write_shard,
+)
+from vlmtune.launch.ray import preflight
 
 REPO = Path(__file__).resolve().parents[2]
 HEADER = ["product_code", "title", "category1_code", "category2_code", "category3_code", "full_price", "price",
@@ -60,7 +75,7 @@ def test_mixed_catalog_every_row_is_a_sample_or_a_recorded_reject(ray_local, ser
     out = tmp_path / "shards"
     cfg = DataConfig(catalog=CatalogConfig(source=str(catalog)),
                      images=ImageConfig(timeout_s=2, retries=2, backoff_s=0.01, max_pixels=10_000_000),
-                     shards=ShardConfig(dir=str(out), samples_per_shard=2, val_fraction=0.3, rows_per_task=3))
+                     shards=ShardConfig(dir=str(out), samples_per_shard=2, val_fraction=0.3))
     manifest = prepare(cfg)
 
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
@@ -95,6 +110,23 @@ def test_mixed_catalog_every_row_is_a_sample_or_a_recorded_reject(ray_local, ser
                                           "decompression bomb": 1, "duplicate id": 1, "full_price missing": 1}
     assert manifest["totals"]["train"]["samples"] + manifest["totals"]["val"]["samples"] == 6
     assert server.hits["/flaky/good.jpg"] == 3
+    assert {k: by_row[1][k] for k in ("image", "product_kept")} == {"image": 1, "product_kept": False}
+
+    # Shards were planned with 2 catalog rows each; rejects leave some with 1 sample or none (no file, not listed).
+    entries = [json.loads(p.read_text()) for p in sorted((out / "_progress").glob("*-*.json"))]
+    assert sum(e["rows"] for e in entries) == 10 and {e["rows"] for e in entries} <= {1, 2}
+    assert any(e["count"] < e["rows"] for e in entries)
+    assert {e["shard"] for e in entries if e["count"]} == {s["name"] for s in manifest["shards"]}
+    assert not [e for e in entries if not e["count"] and (out / e["shard"]).exists()]
+    # ... and the loader still gives every rank its balanced, disjoint share, and preflight accepts it.
+    train = split_shards(str(out), "train")
+    for world in (1, 2, 3):
+        streams = [ShardStream(train, rank, world, shuffle_buffer=2, infinite=False) for rank in range(world)]
+        per_rank = [[it["meta"]["id"] for it in stream] for stream in streams]
+        assert sorted(itertools.chain(*per_rank)) == sorted(i for i, (split, _) in samples.items() if split == "train")
+        assert max(map(len, per_rank)) - min(map(len, per_rank)) <= 1
+    preflight(load_config(overrides=[f"data.shards.dir={out}", f"cluster.num_workers={len(train)}",
+                                     "model.lora.enabled=false"]))
 
 
 def test_split_is_a_stable_function_of_the_id():
@@ -120,8 +152,8 @@ def _slow_sample_catalog(tmp_path, server, n) -> Path:
     return csv_path
 
 
-SHARD_ARGS = ["data.shards.samples_per_shard=6", "data.shards.val_fraction=0.2", "data.shards.rows_per_task=4",
-              "data.shards.max_concurrent_tasks=1", "data.images.fetch_threads=1"]
+SHARD_ARGS = ["data.shards.samples_per_shard=6", "data.shards.val_fraction=0.2", "data.shards.max_concurrent_tasks=1",
+              "data.images.fetch_threads=1"]
 
 
 def _shard_digests(out: Path) -> dict[str, str]:
@@ -129,7 +161,7 @@ def _shard_digests(out: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_killed_prepare_resumes_to_the_same_shards(ray_local, server, tmp_path):
+def test_killed_prepare_resumes_to_the_same_shards(ray_local, server, tmp_path, caplog):
     server.delay_s = 0.08
     catalog = _slow_sample_catalog(tmp_path, server, 72)
     killed, straight = tmp_path / "killed", tmp_path / "straight"
@@ -137,17 +169,17 @@ def test_killed_prepare_resumes_to_the_same_shards(ray_local, server, tmp_path):
     cmd = [sys.executable, str(REPO / "jobs/prepare_data.py"), f"data.catalog.source={catalog}", *SHARD_ARGS]
     proc = subprocess.Popen([*cmd, f"data.shards.dir={killed}"], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
-    journal = killed / "_progress" / "train"
+    journal = killed / "_progress"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if len(list(journal.glob("0*.json"))) >= 2:  # 2 finished shards
+        if len(list(journal.glob("train-*.json"))) >= 2:  # 2 finished shards
             break
         time.sleep(0.05)
     assert proc.poll() is None, "prepare finished before it could be interrupted"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "manifest.json").exists()
-    finished_ids = {i for entry in journal.glob("0*.json") for i in json.loads(entry.read_text())["ids"]}
+    finished_ids = {i for entry in journal.glob("*-*.json") for i in json.loads(entry.read_text())["ids"]}
     assert len(finished_ids) >= 12
 
     server.hits.clear()
@@ -163,32 +195,73 @@ def test_killed_prepare_resumes_to_the_same_shards(ray_local, server, tmp_path):
     assert (killed / "rejects.jsonl").read_text() == (straight / "rejects.jsonl").read_text()
 
     server.hits.clear()
-    prepare(cfg.data)
+    with caplog.at_level("INFO", logger="vlmtune"):
+        prepare(cfg.data)
     assert sum(server.hits.values()) == 0  # idempotent: nothing left to do
+    assert f"{straight}: all 72 records are in finished shards, nothing to fetch" in caplog.messages
     assert _shard_digests(straight) == _shard_digests(killed)
 
 
-def test_journal_round_trip_and_resuming_with_other_settings_is_refused(tmp_path):
-    from tests.data.conftest import jpeg_bytes
-    from vlmtune.data.shards import SplitWriter, read_journal
+@pytest.mark.slow
+def test_shards_are_byte_identical_on_one_and_on_two_nodes(ray_local, tmp_path):
+    """The same catalog prepared by the session's one-node Ray and by a head + a `ray start` worker node (one
+    CPU each, so both must take tasks) gives the same shards, manifest and rejects, byte for byte."""
+    from tests.data.ray_nodes import TwoNodeCluster
 
-    header = {"split": "train", "catalog": "a", "config": "b"}
-    writer = SplitWriter(str(tmp_path), "train", samples_per_shard=2, max_shard_bytes=10**9, journal=[],
-                         header=header)
-    for i in range(5):
-        record = {"id": str(i), "title": "t", "category": ["c"], "full_price": 1.0, "price": 1.0,
-                  "currency": "USD", "row": i, "image": "x.jpg"}
-        if i == 3:
-            writer.reject(record, "image x.jpg: HTTP 404")
-        else:
-            writer.write(record, jpeg_bytes())
-    writer.close(ok=True)
-    journal = read_journal(str(tmp_path), "train", header)
-    assert [(e["shard"], e["ids"], e["covered"]) for e in journal] == [
-        ("train-000000.tar", ["0", "1"], 2), ("train-000001.tar", ["2", "4"], 5)]
-    assert journal[1]["rejects"][0]["id"] == "3"
+    catalog = generate_sample_catalog(tmp_path / "cat", 40, seed=5)
+    args = [f"data.catalog.source={catalog}", "data.shards.samples_per_shard=4", "data.images.max_side=64"]
+    one, two = tmp_path / "one-node", tmp_path / "two-nodes"
+    with TwoNodeCluster(tmp_path, cpus_per_node=1) as cluster:
+        prepare(load_config(overrides=[*args, f"data.shards.dir={one}"]).data)  # while the two nodes start
+        cluster.wait()
+        done = subprocess.run([sys.executable, str(REPO / "jobs/prepare_data.py"), *args, f"data.shards.dir={two}"],
+                              env=cluster.env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"wrote \d+ shard\(s\) with tasks on 2 node\(s\)", done.stderr), done.stderr[-3000:]
+    assert _shard_digests(one) == _shard_digests(two) and len(_shard_digests(one)) > 4
+    assert load_manifest(str(one))["shards"] == load_manifest(str(two))["shards"]
+    assert (one / "rejects.jsonl").read_text() == (two / "rejects.jsonl").read_text()
+
+
+def test_a_shard_counts_as_finished_only_when_its_entry_and_file_agree(tmp_path):
+    header = {"catalog": "a", "config": "b"}
+    assert Journal(str(tmp_path), {**header, "config": "x"}).open() == {}  # nothing finished yet under "x"
+    journal = Journal(str(tmp_path), header)
+    assert journal.open() == {}  # so other settings simply start over
+    for i, ids in enumerate((["0", "1"], ["2"], [])):
+        name = f"train-{i:06d}.tar"
+        samples = [({"id": sid, "title": "t"}, [jpeg_bytes()]) for sid in ids]
+        written = write_shard(str(tmp_path / name), samples)
+        journal.record({"shard": name, "split": "train", "rows": 2, "count": written.count, "images": written.images,
+                        "bytes": written.bytes, "sha256": written.sha256, "ids": ids, "rejects": []})
+    assert not (tmp_path / "train-000002.tar").exists()  # every row rejected: no file
+    assert sorted(journal.open()) == ["train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    (tmp_path / "train-000001.tar").write_bytes(b"cut short")
+    (tmp_path / "train-000000.tar").unlink()
+    assert sorted(Journal(str(tmp_path), header).open()) == ["train-000002.tar"]  # the others are redone
     with pytest.raises(ShardError, match=r"different catalog or config \(changed: config\)"):
-        read_journal(str(tmp_path), "train", {**header, "config": "c"})
+        Journal(str(tmp_path), {**header, "config": "c"}).open()
+    (tmp_path / "old" / "_progress" / "train").mkdir(parents=True)
+    (tmp_path / "old" / "_progress" / "train" / "header.json").write_text("{}")
+    with pytest.raises(ShardError, match="prepared by an older vlmtune"):
+        Journal(str(tmp_path / "old"), header).open()
+
+
+def test_the_plan_is_a_function_of_the_catalog_and_config(tmp_path):
+    catalog = generate_sample_catalog(tmp_path / "cat", 40, seed=1)
+    cfg = load_config(overrides=[f"data.catalog.source={catalog}", "data.shards.samples_per_shard=6",
+                                 "data.shards.val_fraction=0.25"]).data
+    plan = plan_shards(cfg)
+    for split in ("train", "val"):
+        shards = [s for s in plan.shards if s.split == split]
+        assert [s.name for s in shards] == [f"{split}-{i:06d}.tar" for i in range(len(shards))]
+        assert all(len(s.records) == 6 for s in shards[:-1]) and 0 < len(shards[-1].records) <= 6
+    ids = [json.loads(r)["id"] for s in plan.shards if s.split == "train" for r in s.records]
+    assert ids == sorted(ids, key=lambda i: order_rank(i, cfg.shards.split_salt))  # id-hash order
+    assert sum(len(s.records) for s in plan.shards) == plan.records == 40
+    chunked = cfg.model_copy(update={"catalog": cfg.catalog.model_copy(update={"chunk_rows": 7})})
+    again = plan_shards(chunked)
+    assert again.shards == plan.shards and again.fingerprint == plan.fingerprint
 
 
 @pytest.mark.parametrize(("stage", "reason", "kind"), [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from vlmtune.config import PromptConfig
-from vlmtune.data.prompts import answer_text, parse_amount, parse_answer
+from vlmtune.data.prompts import answer_text, parse_amount, parse_answer, user_messages
 from vlmtune.eval.metrics import category_key
 
 META = {"title": "Vintage Check, Cotton Scarf", "category": ["Women", "Scarves", "Cashmere Scarves"],
@@ -59,3 +59,9 @@ def test_parser_on_nasty_outputs(text, title, category, price, currency, error):
 )
 def test_parse_amount(raw, value):
     assert parse_amount(raw) == value
+
+
+def test_image_tags_one_per_line_before_the_question():
+    cfg = PromptConfig(question="Price?")
+    assert user_messages(cfg) == [{"role": "user", "content": "<|image_1|>\nPrice?"}]
+    assert user_messages(cfg, 3)[0]["content"] == "<|image_1|>\n<|image_2|>\n<|image_3|>\nPrice?"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -17,9 +18,12 @@ from vlmtune.data.shards import (
     SCHEMA_VERSION,
     ShardError,
     ShardStream,
+    load_manifest,
+    raw_samples,
     sha256_file,
     split_shards,
     verify_shards,
+    write_shard,
 )
 
 
@@ -165,3 +169,65 @@ def test_clear_errors_for_unusable_inputs(shard_dir, tmp_path):
         split_shards(shard_dir, "val")
     with pytest.raises(ShardError, match="25 ranks but only 20 samples"):
         ShardStream(split_shards(shard_dir, "train"), rank=0, world_size=25)
+
+
+def _coloured(colour: tuple[int, int, int], size=(24, 16)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+RED, GREEN, BLUE = (220, 20, 20), (20, 200, 20), (20, 20, 220)
+
+
+def _multi_image_shard(root: Path, second: bytes | None = None) -> str:
+    samples = [({"id": "front+back"}, [_coloured(RED), second or _coloured(GREEN, (16, 24))]),
+               ({"id": "front only"}, [_coloured(BLUE)])]
+    written = write_shard(str(root / "train-000000.tar"), samples)
+    manifest = {"schema_version": SCHEMA_VERSION, "shards": [
+        {"name": "train-000000.tar", "split": "train", "count": written.count, "bytes": written.bytes,
+         "sha256": written.sha256}]}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return str(root)
+
+
+def test_a_sample_with_several_images_streams_them_in_prompt_order(tmp_path):
+    shard_dir = _multi_image_shard(tmp_path)
+    with tarfile.open(tmp_path / "train-000000.tar") as tar:
+        names = tar.getnames()
+    key = names[0].split(".")[0]
+    assert sorted(names[:3]) == [f"{key}.2.jpg", f"{key}.jpg", f"{key}.json"]  # webdataset fields: jpg, 2.jpg, json
+    items = list(ShardStream(split_shards(shard_dir, "train"), shuffle=False, infinite=False))
+    assert [it["meta"]["id"] for it in items] == ["front+back", "front only"]
+    two = items[0]["images"]
+    assert [im.size for im in two] == [(24, 16), (16, 24)] and items[0]["image"] is two[0]
+    assert two[0].getpixel((5, 5))[0] > 150 and two[1].getpixel((5, 5))[1] > 150  # red first, then green
+    assert len(items[1]["images"]) == 1
+
+
+def test_a_bad_second_image_skips_the_sample_and_says_which(tmp_path):
+    shard_dir = _multi_image_shard(tmp_path, second=_coloured(GREEN)[:60])
+    items = list(ShardStream(split_shards(shard_dir, "train"), shuffle=False, infinite=False))
+    assert items[0]["skipped"].startswith("front_back_") and ": bad image 2 (" in items[0]["skipped"]
+    assert "skipped" not in items[1]
+
+
+def test_written_shards_are_byte_identical_and_described_exactly(tmp_path):
+    samples = [({"id": str(i), "title": "Tote – crème"}, [_coloured(RED)] * (1 + i % 2)) for i in range(5)]
+    first = write_shard(str(tmp_path / "a.tar"), samples)
+    second = write_shard(str(tmp_path / "b.tar"), samples)
+    assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
+    assert first == second and (first.count, first.images) == (5, 7)
+    assert first.bytes == (tmp_path / "a.tar").stat().st_size and first.sha256 == sha256_file(tmp_path / "a.tar")
+    assert [json.loads(r["json"])["id"] for r in raw_samples(str(tmp_path / "a.tar"))] == ["0", "1", "2", "3", "4"]
+    assert not list(tmp_path.glob("*.partial"))
+    assert write_shard(str(tmp_path / "none.tar"), []).count == 0 and not (tmp_path / "none.tar").exists()
+
+
+def test_shards_of_the_previous_schema_still_load(shard_dir):
+    manifest = json.loads((Path(shard_dir) / "manifest.json").read_text())
+    (Path(shard_dir) / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 1}))
+    assert len(list(ShardStream(split_shards(shard_dir, "train"), infinite=False))) == 20
+    (Path(shard_dir) / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 7}))
+    with pytest.raises(ShardError, match="schema_version 7 \\(this vlmtune reads 1, 2\\)"):
+        load_manifest(shard_dir)

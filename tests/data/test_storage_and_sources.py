@@ -1,5 +1,5 @@
-"""prepare with non-local storage (fsspec memory://, standing in for s3://), a Hugging Face data set source
-(a local data set directory, read through `datasets` offline), and the inspect job."""
+"""prepare with remote storage (s3:// on a loopback moto server), a Hugging Face data set source (a local data
+set directory, read through `datasets` offline), and the inspect job."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from vlmtune.config import load_config
-from vlmtune.data.catalog import read_catalog
+from vlmtune.data.catalog import read_catalog, stream_catalog
 from vlmtune.data.prepare import prepare
 from vlmtune.data.sample import generate_sample_catalog
 from vlmtune.data.shards import ShardStream, load_manifest, split_shards, verify_shards
@@ -24,27 +24,32 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.slow
-def test_prepare_to_remote_storage_and_stream_back(ray_local, tmp_path):
+def test_prepare_to_s3_and_stream_back(ray_local, s3_bucket, tmp_path, caplog):
+    """Ray tasks write the shards and journal straight to S3 (a moto server on loopback); the loader streams
+    them back, and a rerun finds everything done."""
     catalog = generate_sample_catalog(tmp_path / "cat", 30, seed=4)
-    url = "memory://vlmtune-test/shards"
+    url = f"{s3_bucket}/shards"
     cfg = load_config(overrides=[f"data.catalog.source={catalog}", f"data.shards.dir={url}",
                                  "data.shards.samples_per_shard=8", "data.images.max_side=96"])
     manifest = prepare(cfg.data)
-    fs = fsspec.filesystem("memory")
-    names = sorted(p.rsplit("/", 1)[1] for p in fs.ls("/vlmtune-test/shards", detail=False))
+    fs = fsspec.filesystem("s3")
+    names = sorted(p.rsplit("/", 1)[1] for p in fs.ls(url, detail=False))
     assert {s["name"] for s in manifest["shards"]} <= set(names)
-    assert {"manifest.json", "rejects.jsonl"} <= set(names)
-    assert not any(n.endswith(".partial") for n in names)
+    assert {"manifest.json", "rejects.jsonl", "_progress"} <= set(names)
+    assert not any(n.endswith(".partial") for n in fs.find(url))
     assert load_manifest(url) == manifest
     shards = split_shards(url, "train")
     verify_shards(shards)
     items = list(ShardStream(shards, shuffle=False, infinite=False))
     assert len(items) == manifest["totals"]["train"]["samples"]
     assert all(isinstance(it["image"], Image.Image) and max(it["image"].size) <= 96 for it in items)
+    with caplog.at_level("INFO", logger="vlmtune"):
+        assert prepare(cfg.data) == manifest
+    assert f"{url}: all 30 records are in finished shards, nothing to fetch" in caplog.messages
 
 
 def test_hugging_face_data_set_source(tmp_path):
-    """A data set directory goes through `datasets.load_dataset`, as a hub id would (offline here)."""
+    """A data set directory goes through `datasets.load_dataset` (streamed), as a hub id would (offline here)."""
     csv_path = generate_sample_catalog(tmp_path / "cat", 5, seed=1)
     frame = pd.read_csv(csv_path, dtype=str)
     frame["imageurl"] = [str(csv_path.parent / p) for p in frame["imageurl"]]
@@ -56,6 +61,9 @@ def test_hugging_face_data_set_source(tmp_path):
     rows = read_catalog(load_config(overrides=[f"data.catalog.source={dataset_dir}"]).data.catalog)
     assert [r["id"] for r in rows.records] == [str(c) for c in frame["product_code"]]
     assert rows.records[0]["full_price"] == float(frame["full_price"][0]) and not rows.rejects
+    chunked = load_config(overrides=[f"data.catalog.source={dataset_dir}", "data.catalog.chunk_rows=2"])
+    assert [len(chunk) for chunk in stream_catalog(chunked.data.catalog)] == [2, 2, 1]  # streamed, 2 rows at a time
+    assert read_catalog(chunked.data.catalog).records == rows.records
 
 
 @pytest.mark.slow

@@ -79,19 +79,27 @@ def _ids(url: str) -> list[str]:
     return [json.loads(r["json"])["id"] for r in raw_samples(url)]
 
 
-def test_predict_from_a_raw_catalog_records_bad_images(tmp_path, ray_local):
+def test_predict_prices_new_products_from_ids_and_images_alone(tmp_path, ray_local, caplog):
+    """A catalog of new products holds only `product_code` and `imageurl`: every id gets a prediction or the
+    reason it could not (in the output, or said on the console for a row without any image), the target
+    columns stay empty."""
     from vlmtune.data.sample import generate_sample_catalog
 
     csv_path = generate_sample_catalog(tmp_path / "cat", 6, seed=9)
     rows = list(csv.DictReader(csv_path.open(encoding="utf-8")))
     rows[2]["imageurl"] = "images/missing.jpg"
-    with csv_path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+    new = csv_path.parent / "new-products.csv"
+    with new.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["product_code", "imageurl"], extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows([*rows, {"product_code": "no-photo", "imageurl": ""}])
     cfg = load_config(overrides=FAST)
-    frame = predict(cfg, "tiny-phi3v", str(csv_path), str(tmp_path / "out"))
+    with caplog.at_level("WARNING", logger="vlmtune"):
+        frame = predict(cfg, "tiny-phi3v", str(new), str(tmp_path / "out"))
+    assert f"{new}: 1 row(s) not predicted, e.g. row 6: missing image (column 'imageurl')" in caplog.messages
     assert sorted(frame["id"]) == sorted(r["product_code"] for r in rows)
     bad = frame.set_index("id").loc[rows[2]["product_code"]]
     assert "local file not found" in bad["error"] and bad["generated"] == ""
     assert frame["error"].isna().sum() == 5
+    assert (frame["target"] == "").all() and frame[["title", "category", "full_price"]].isna().all().all()
+    assert frame["currency"].eq("USD").all()  # data.catalog.default_currency

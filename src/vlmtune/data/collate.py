@@ -2,7 +2,8 @@
 
 `SampleEncoder` runs inside the shard stream (so in DataLoader worker processes): the HD image transform
 and tokenisation happen next to the JPEG decode, off the training process. The prompt is the chat
-template around `<|image_1|>` + the question; the target is the answer followed by `<|end|>\n<|endoftext|>`
+template around `<|image_1|>` (`<|image_1|>\n<|image_2|>` … for a product with several images) + the
+question; the target is the answer followed by `<|end|>\n<|endoftext|>`
 (Phi-3-V's fine-tuning convention), and every prompt position — BOS, role tags, image slots, the
 question — gets label -100, so the model learns to answer, not to repeat the prompt.
 """
@@ -13,31 +14,42 @@ import torch
 from torch.nn.utils.rnn import pad_sequence
 
 from vlmtune.config import PromptConfig
-from vlmtune.data.prompts import ANSWER_END, answer_text, user_messages
+from vlmtune.data.prompts import ANSWER_END, answer_text, has_answer, user_messages
 from vlmtune.data.shards import SampleSkipped
 
 IGNORE_INDEX = -100
 
 
 class SampleEncoder:
-    """Callable for `ShardStream(transform=...)`: {'image', 'meta', 'key'} → tensors for one sample."""
+    """Callable for `ShardStream(transform=...)`: {'images' (or 'image'), 'meta', 'key'} → tensors for one
+    sample. A sample's images fill its prompt's tags in order; `pixel_values` and `image_sizes` hold one row
+    per image, which `collate` concatenates sample after sample, the order the model fills image slots in."""
 
     def __init__(self, processor, prompt: PromptConfig, max_length: int, with_answer: bool = True):
         self.processor = processor
-        self.prompt_text = processor.apply_chat_template(user_messages(prompt), add_generation_prompt=True)
         self.prompt_cfg = prompt
+        self.prompts: dict[int, str] = {}
         self.max_length = max_length
         self.with_answer = with_answer
 
+    def prompt_text(self, num_images: int) -> str:
+        if num_images not in self.prompts:
+            self.prompts[num_images] = self.processor.apply_chat_template(
+                user_messages(self.prompt_cfg, num_images), add_generation_prompt=True)
+        return self.prompts[num_images]
+
     def __call__(self, sample: dict) -> dict:
         meta = sample["meta"]
-        encoded = self.processor(text=self.prompt_text, images=[sample["image"]], return_tensors="pt")
+        images = sample.get("images") or [sample["image"]]
+        encoded = self.processor(text=self.prompt_text(len(images)), images=images, return_tensors="pt")
         prompt_ids = encoded["input_ids"][0]
-        target = answer_text(meta, self.prompt_cfg)
+        target = answer_text(meta, self.prompt_cfg) if has_answer(meta) else ""  # "": a product to predict
         out = {"id": meta.get("id", sample["key"]), "meta": meta, "target": target,
                "pixel_values": encoded["pixel_values"], "image_sizes": encoded["image_sizes"],
                "image_tokens": int((prompt_ids == self.processor.image_token_id).sum())}
         if self.with_answer:
+            if not target:
+                raise SampleSkipped(f"{out['id']}: no answer to learn (title, category or full price missing)")
             answer_ids = self.processor.tokenizer(target + ANSWER_END, add_special_tokens=False,
                                                   return_tensors="pt")["input_ids"][0]
             out["input_ids"] = torch.cat([prompt_ids, answer_ids])

@@ -1,9 +1,16 @@
 """prepare: catalog → validated, resized images → train/val WebDataset shards + manifest + rejects.
 
-The expensive part, fetching and normalising images, runs as Ray Data tasks (`map_batches`), so on a
-cluster every node downloads; locally it uses the local Ray. The driver receives the small resized
-JPEGs in catalog-hash order and writes the shards with `webdataset.ShardWriter` (see data/shards.py),
-which keeps shard contents deterministic and the run resumable.
+The driver plans the shards (data/plan.py: rows in id-hash order, `samples_per_shard` catalog rows per
+shard) and hands each shard to a Ray task. The task fetches, validates and resizes the shard's images with
+`fetch_threads` threads, writes the whole shard straight to its destination (local disk, NFS or `s3://`)
+under a temporary name renamed when complete, records it in the journal, and returns only that entry
+(count, bytes, sha256, rejects). No image passes through the driver, whose memory holds the plan and the
+entries; tasks are spread over the cluster's nodes.
+
+Resuming: shards whose journal entry exists and whose file has the recorded size are not planned again,
+so a rerun after an interruption fetches only the unfinished shards. Because a shard's bytes depend only on
+its planned rows and their images, the result is byte-identical whatever the interruptions, the order in
+which tasks finish or the number of nodes.
 """
 
 from __future__ import annotations
@@ -16,48 +23,18 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
-
-from vlmtune import __version__
+from vlmtune import __version__, storage
 from vlmtune.config import DataConfig, ImageConfig
 from vlmtune.console import console
-from vlmtune.data.catalog import CatalogRows, read_catalog
-from vlmtune.data.images import ImageError, load_product_image
+from vlmtune.data.images import Fetcher, load_product_images
+from vlmtune.data.plan import Plan, PlannedShard, plan_shards
 from vlmtune.data.sample import generate_sample_catalog
-from vlmtune.data.shards import (
-    SCHEMA_VERSION,
-    SPLITS,
-    SplitWriter,
-    order_key,
-    read_journal,
-    split_of,
-    write_manifest,
-    write_rejects,
-)
-from vlmtune.errors import CatalogError
-from vlmtune.storage import is_local
+from vlmtune.data.shards import SCHEMA_VERSION, SPLITS, Journal, write_manifest, write_rejects, write_shard
+from vlmtune.errors import VlmtuneError
 
 log = logging.getLogger(__name__)
 
-
-def fetch_batch(batch: dict[str, np.ndarray], images: ImageConfig) -> dict[str, np.ndarray]:
-    """Ray Data UDF: one batch of records → JPEG bytes or the reason each image was rejected."""
-    records = [json.loads(r) for r in batch["record"]]
-
-    def one(record: dict) -> tuple[bytes, str]:
-        try:
-            jpeg, _ = load_product_image(record["image"], images)
-            return jpeg, ""
-        except ImageError as e:
-            return b"", f"image {record['image']}: {e.reason}"
-
-    with ThreadPoolExecutor(max_workers=min(images.fetch_threads, len(records))) as pool:
-        results = list(pool.map(one, records))
-    return {
-        "record": batch["record"],
-        "jpeg": np.array([r[0] for r in results], dtype=object),
-        "error": np.array([r[1] for r in results], dtype=object),
-    }
+META_FIELDS = ("id", "title", "category", "full_price", "price", "currency")
 
 
 def sample_catalog_source(cfg: DataConfig) -> str:
@@ -65,7 +42,7 @@ def sample_catalog_source(cfg: DataConfig) -> str:
     user's cache when the shards go to remote storage (the images are read locally by the fetch tasks)."""
     n, seed = cfg.catalog.sample_size, cfg.catalog.sample_seed
     base = cfg.shards.dir.rstrip("/")
-    local = Path(base) / "_catalog" if is_local(base) else Path.home() / ".cache/vlmtune" / f"sample-{n}-{seed}"
+    local = Path(base) / "_catalog" if storage.is_local(base) else Path.home() / ".cache/vlmtune" / f"sample-{n}-{seed}"
     csv_path = local / "catalog.csv"
     stamp = local / "generated.json"
     wanted = {"n": n, "seed": seed}
@@ -75,30 +52,81 @@ def sample_catalog_source(cfg: DataConfig) -> str:
     return str(csv_path)
 
 
-def _ordered_splits(rows: CatalogRows, cfg: DataConfig) -> dict[str, list[dict]]:
-    salt = cfg.shards.split_salt
-    splits: dict[str, list[dict]] = {s: [] for s in SPLITS}
-    for rec in rows.records:
-        splits[split_of(rec["id"], cfg.shards.val_fraction, salt)].append(rec)
-    for recs in splits.values():
-        recs.sort(key=lambda r: order_key(r["id"], salt))
-    return splits
+def build_shard(shard: PlannedShard, images: ImageConfig, journal: Journal) -> dict:
+    """Fetch and normalise a planned shard's images, write the shard and its journal entry; → the entry.
+
+    Products are fetched by `fetch_threads` threads and written in plan order, each as soon as its turn
+    comes: a task holds at most its own shard's resized images. A product keeps the images that pass; it
+    becomes a reject only when none does. Every failed image is recorded with its position and reason."""
+    records = [json.loads(r) for r in shard.records]
+    fetcher = Fetcher(images)
+    ids, rejects = [], []
+
+    def samples():
+        with ThreadPoolExecutor(max_workers=min(images.fetch_threads, len(records))) as pool:
+            loaded = pool.map(lambda r: load_product_images(r["images"], images, fetcher), records)
+            for record, product in zip(records, loaded, strict=True):
+                for position, reason in product.failures:
+                    rejects.append({"row": record["row"], "id": record["id"], "stage": "image", "image": position,
+                                    "product_kept": bool(product.jpegs), "reason": reason})
+                if product.jpegs:
+                    ids.append(record["id"])
+                    meta = {k: record[k] for k in META_FIELDS}
+                    meta["source"] = {"row": record["row"], "images": product.kept}
+                    yield meta, product.jpegs
+
+    written = write_shard(storage.join(journal.out_dir, shard.name), samples())
+    entry = {"shard": shard.name, "split": shard.split, "rows": len(records), "count": written.count,
+             "images": written.images, "bytes": written.bytes, "sha256": written.sha256, "ids": ids,
+             "rejects": rejects}
+    journal.record(entry)
+    return entry
 
 
-def _fetch_in_order(records: list[dict], cfg: DataConfig):
-    """Yield (record, jpeg, error) in input order, fetched by Ray Data tasks across the cluster."""
+def _shard_task(shard: PlannedShard, images: ImageConfig, journal: Journal) -> tuple[dict, str]:
+    """Ray task body: the entry (without its ids, which only the journal keeps) and the node it ran on."""
+    import ray
+
+    entry = build_shard(shard, images, journal)
+    return {k: v for k, v in entry.items() if k != "ids"}, ray.get_runtime_context().get_node_id()
+
+
+def _run_tasks(todo: list[PlannedShard], cfg: DataConfig, journal: Journal) -> tuple[dict[str, dict], Counter]:
+    """Build the `todo` shards as Ray tasks, spread over the nodes; → (entries by shard, shards per node)."""
     import ray
 
     if not ray.is_initialized():
         ray.init()
-    ctx = ray.data.DataContext.get_current()
-    ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False
-    ds = ray.data.from_items([{"record": json.dumps(r, ensure_ascii=False)} for r in records])
-    ds = ds.map_batches(fetch_batch, batch_size=cfg.shards.rows_per_task, fn_kwargs={"images": cfg.images},
-                        compute=ray.data.TaskPoolStrategy(size=cfg.shards.max_concurrent_tasks), num_cpus=1)
-    for row in ds.iter_rows():
-        yield json.loads(row["record"]), row["jpeg"], row["error"]
+    task = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(_shard_task)
+    limit = cfg.shards.max_concurrent_tasks or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    entries: dict[str, dict] = {}
+    nodes: Counter = Counter()
+    queue = list(reversed(todo))
+    running: dict = {}
+    counts = {"ok": 0, "rejected": 0}
+    try:
+        with console.progress(total=sum(len(s.records) for s in todo), desc="prepare", unit="row") as bar:
+            while queue or running:
+                while queue and len(running) < limit:
+                    shard = queue.pop()
+                    running[task.remote(shard, cfg.images, journal)] = shard
+                done, _ = ray.wait(list(running), num_returns=1)
+                shard = running.pop(done[0])
+                try:
+                    entry, node = ray.get(done[0])
+                except ray.exceptions.RayTaskError as e:
+                    if isinstance(e.cause, VlmtuneError):
+                        raise e.cause from None
+                    raise
+                entries[shard.name], nodes[node] = entry, nodes[node] + 1
+                counts["ok"] += entry["count"]
+                counts["rejected"] += entry["rows"] - entry["count"]
+                bar.update(entry["rows"])
+                bar.set_postfix(counts, refresh=False)
+    finally:
+        for ref in running:
+            ray.cancel(ref)
+    return entries, nodes
 
 
 def settings_hash(settings: dict) -> str:
@@ -110,45 +138,23 @@ def prepare(cfg: DataConfig) -> dict:
     if cfg.catalog.source == "sample":
         cfg = cfg.model_copy(deep=True)
         cfg.catalog.source = sample_catalog_source(cfg)
-    out_dir = cfg.shards.dir.rstrip("/")
-    rows = read_catalog(cfg.catalog)
-    if not rows.records:
-        raise CatalogError(f"{cfg.catalog.source}: no usable rows ({len(rows.rejects)} rejected); first reasons: "
-                         + "; ".join(r.reason for r in rows.rejects[:3]))
-    splits = _ordered_splits(rows, cfg)
-    fingerprint, config_hash = rows.fingerprint(), settings_hash(shard_settings(cfg))
-    headers = {split: {"split": split, "catalog": fingerprint, "config": config_hash} for split in SPLITS}
-    writers: dict[str, SplitWriter] = {}
-    todo: list[dict] = []
-    for split, records in splits.items():
-        journal = read_journal(out_dir, split, headers[split])
-        writers[split] = SplitWriter(out_dir, split, cfg.shards.samples_per_shard, cfg.shards.max_shard_bytes,
-                                     journal, headers[split])
-        todo += [dict(r, split=split) for r in records[writers[split].position :]]
-    done = sum(w.position for w in writers.values())
-    if done:
-        log.info("resuming: %d of %d records already in finished shards", done, len(rows.records))
-
-    ok = False
-    counts = {"ok": 0, "rejected": 0}
-    try:
-        with console.progress(total=len(todo), desc="prepare", unit="img", disable=not todo) as bar:
-            for record, jpeg, error in _fetch_in_order(todo, cfg) if todo else ():
-                writer = writers[record.pop("split")]
-                if error:
-                    writer.reject(record, error)
-                    counts["rejected"] += 1
-                else:
-                    writer.write(record, jpeg)
-                    counts["ok"] += 1
-                bar.update()
-                bar.set_postfix(counts, refresh=False)
-        ok = True
-    finally:
-        for writer in writers.values():
-            writer.close(ok)
-
-    return _finish(out_dir, rows, cfg, fingerprint, config_hash, {s: w.journal for s, w in writers.items()})
+    out_dir = storage.resolve(cfg.shards.dir)
+    plan = plan_shards(cfg)
+    config_hash = settings_hash(shard_settings(cfg))
+    journal = Journal(out_dir, {"catalog": plan.fingerprint, "config": config_hash})
+    entries = journal.open()
+    todo = [shard for shard in plan.shards if shard.name not in entries]
+    if not todo:
+        log.info("%s: all %d records are in finished shards, nothing to fetch", cfg.shards.dir, plan.records)
+    else:
+        if entries:
+            log.info("resuming: %d of %d shards are finished, %d to go", len(plan.shards) - len(todo),
+                     len(plan.shards), len(todo))
+        built, nodes = _run_tasks(todo, cfg, journal)
+        entries.update(built)
+        per_node = ", ".join(f"{count} on {node[:8]}" for node, count in sorted(nodes.items()))
+        log.info("wrote %d shard(s) with tasks on %d node(s): %s", len(built), len(nodes), per_node)
+    return _finish(out_dir, plan, cfg, config_hash, [entries[s.name] for s in plan.shards])
 
 
 def shard_settings(cfg: DataConfig) -> dict:
@@ -156,9 +162,8 @@ def shard_settings(cfg: DataConfig) -> dict:
     return {
         "catalog": cfg.catalog.model_dump(mode="json", include={"columns", "default_currency", "limit"}),
         "images": cfg.images.model_dump(mode="json", include={"max_side", "min_side", "jpeg_quality", "max_bytes",
-                                                              "max_pixels"}),
-        "shards": cfg.shards.model_dump(mode="json", include={"samples_per_shard", "max_shard_bytes",
-                                                              "val_fraction", "split_salt"}),
+                                                              "max_pixels", "resample", "max_per_product"}),
+        "shards": cfg.shards.model_dump(mode="json", include={"samples_per_shard", "val_fraction", "split_salt"}),
     }
 
 
@@ -170,31 +175,30 @@ def reason_kind(reject: dict) -> str:
     return re.split(r" \(|: ", reason, maxsplit=1)[0]
 
 
-def _finish(out_dir: str, rows: CatalogRows, cfg: DataConfig, fingerprint: str, config_hash: str,
-            journals: dict[str, list[dict]]) -> dict:
-    """Manifest and rejects from the complete journals (earlier runs' entries included)."""
-    rejects = [r.to_dict() for r in rows.rejects]
+def _finish(out_dir: str, plan: Plan, cfg: DataConfig, config_hash: str, entries: list[dict]) -> dict:
+    """Manifest and rejects from the plan's catalog rejects and every shard's entry (earlier runs' included)."""
+    rejects = list(plan.rejects)
     shards = []
-    for split in SPLITS:
-        for entry in journals[split]:
-            rejects += entry["rejects"]
-            if entry["shard"]:
-                shards.append({"name": entry["shard"], "split": split, "count": entry["count"],
-                               "bytes": entry["bytes"], "sha256": entry["sha256"]})
-    rejects.sort(key=lambda r: (r["row"], r["stage"]))
+    for entry in entries:
+        rejects += entry["rejects"]
+        if entry["count"]:
+            shards.append({"name": entry["shard"], "split": entry["split"], "count": entry["count"],
+                           "images": entry["images"], "bytes": entry["bytes"], "sha256": entry["sha256"]})
+    rejects.sort(key=lambda r: (r["row"], r["stage"], r.get("image", 0)))
     totals = {s: {"shards": sum(1 for x in shards if x["split"] == s),
                   "samples": sum(x["count"] for x in shards if x["split"] == s),
+                  "images": sum(x["images"] for x in shards if x["split"] == s),
                   "bytes": sum(x["bytes"] for x in shards if x["split"] == s)} for s in SPLITS}
-    reasons = Counter(reason_kind(r) for r in rejects)
+    kept = sum(t["samples"] for t in totals.values())
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "vlmtune_version": __version__,
-        "source": {"catalog": cfg.catalog.source, "rows": len(rows.records) + len(rows.rejects),
-                   "fingerprint": fingerprint},
+        "source": {"catalog": cfg.catalog.source, "rows": plan.rows, "fingerprint": plan.fingerprint},
         "config_hash": config_hash,
         "settings": shard_settings(cfg),
-        "totals": {**totals, "rejected": len(rejects)},
-        "reject_reasons": dict(reasons.most_common()),
+        "totals": {**totals, "rejected": plan.rows - kept,
+                   "images_dropped": sum(1 for r in rejects if r.get("product_kept"))},
+        "reject_reasons": dict(Counter(reason_kind(r) for r in rejects).most_common()),
         "shards": shards,
     }
     write_rejects(out_dir, rejects)

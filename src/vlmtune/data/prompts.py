@@ -31,6 +31,14 @@ def format_price(amount: float, currency: str) -> str:
     return f"{amount:.2f} {currency}".strip()
 
 
+ANSWER_FIELDS = ("title", "category", "full_price", "currency")
+
+
+def has_answer(meta: dict) -> bool:
+    """Whether a record holds every field of the answer (a new product to price does not)."""
+    return all(meta.get(k) is not None for k in ANSWER_FIELDS)
+
+
 def answer_text(meta: dict, cfg: PromptConfig) -> str:
     """The target answer for one shard sample's metadata (see data/shards.py for the record fields)."""
     category = format_category(meta["category"], cfg.category_format)
@@ -38,9 +46,15 @@ def answer_text(meta: dict, cfg: PromptConfig) -> str:
     return f"Product: {meta['title']}, Category: {category}, Full Price: {price}"
 
 
-def user_messages(cfg: PromptConfig) -> list[dict]:
-    """Chat messages for one image; the processor's chat template turns them into the prompt."""
-    return [{"role": "user", "content": f"<|image_1|>\n{cfg.question}"}]
+def image_tags(num_images: int) -> str:
+    """`<|image_1|>\n<|image_2|>\n…`: one tag per image on its own line, as Phi-3-Vision's own multi-image
+    prompts write them (one image gives exactly the single-image prompt)."""
+    return "".join(f"<|image_{k}|>\n" for k in range(1, num_images + 1))
+
+
+def user_messages(cfg: PromptConfig, num_images: int = 1) -> list[dict]:
+    """Chat messages for a product's images; the processor's chat template turns them into the prompt."""
+    return [{"role": "user", "content": f"{image_tags(num_images)}{cfg.question}"}]
 
 
 @dataclass(frozen=True)

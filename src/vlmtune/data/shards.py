@@ -1,22 +1,31 @@
-"""WebDataset shards: writing them resumably, describing them in a manifest, streaming them per rank.
+"""WebDataset shards: writing them, recording them in a journal and a manifest, streaming them per rank.
 
 Layout of a shard directory:
-    train-000000.tar …  val-000000.tar …   each sample = <key>.jpg + <key>.json (the record)
+    train-000000.tar …  val-000000.tar …   each sample = <key>.json (the record) + its images: <key>.jpg, and
+                                           for products with several, <key>.2.jpg, <key>.3.jpg … (image k is
+                                           the prompt's <|image_k|>; webdataset splits member names at the
+                                           first dot, so a sample's fields are json, jpg, 2.jpg, 3.jpg …)
     manifest.json                          schema version, per-shard count/bytes/sha256, totals, source
-    rejects.jsonl                          every row that did not become a sample, with its reason
-    _progress/<split>/                     journal: header.json + one NNNNNN.json per finished shard
+    rejects.jsonl                          every row that did not become a sample and every image a sample
+                                           lost, with the reason
+    _progress/                             journal: header.json + one <shard>.json per finished shard
                                            (what makes prepare resumable)
+
+Shards are planned by prepare (a fixed number of catalog rows each, see data/plan.py) and each is written
+whole by the task that fetched its images, under a temporary name renamed when complete; the task then
+records the shard in the journal. A shard holds fewer samples than planned when rows are rejected, and no
+file at all when every row is; the manifest lists only shards with samples, with their true counts.
 
 Streaming policy (`ShardStream`): for epoch e, the split's shards are shuffled with (seed, e) and laid
 end to end into one global sample order of N samples. Rank r of W reads the contiguous range
 [r·N//W, (r+1)·N//W): every sample is read by exactly one rank per epoch — nothing dropped, nothing
-duplicated — even when W does not divide the number of shards; ranks differ by at most one sample.
-After a world-size change the rest of an epoch is split anew (data/position.py). Training counts
-optimizer steps, not epochs, so the stream simply continues into epoch e+1 and ranks never wait on each
-other. Within each shard a bounded buffer shuffles raw (undecoded) samples with an RNG seeded by (seed,
-epoch, shard, first sample), so a saved position (epoch, ordinal) is restored by skipping whole shards by
-their manifest counts and replaying raw bytes inside one shard: no image is decoded to fast-forward, and
-the resumed stream is identical to the uninterrupted one.
+duplicated — even when W does not divide the number of shards and shards hold different numbers of samples;
+ranks differ by at most one sample. After a world-size change the rest of an epoch is split anew
+(data/position.py). Training counts optimizer steps, not epochs, so the stream simply continues into
+epoch e+1 and ranks never wait on each other. Within each shard a bounded buffer shuffles raw (undecoded)
+samples with an RNG seeded by (seed, epoch, rank, shard, first sample), so a saved position (epoch,
+ordinal) is restored by skipping whole shards by their manifest counts and replaying raw bytes inside one
+shard: no image is decoded to fast-forward, and the resumed stream is identical to the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -25,25 +34,25 @@ import hashlib
 import io
 import itertools
 import json
-import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import fsspec
 import torch
 from PIL import Image
-from webdataset import ShardWriter
+from webdataset import TarWriter
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from vlmtune.data.position import IntervalSet, share_of
 from vlmtune.errors import ShardError
-from vlmtune.storage import join, sha256_file, write_atomic
+from vlmtune.storage import filesystem, join, open_atomic, sha256_file, write_atomic
 
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
-SCHEMA_VERSION = 1
+PROGRESS = "_progress"
+SCHEMA_VERSION = 2  # 2: shards planned by catalog rows (counts may fall short of the plan), several images
+READABLE_SCHEMAS = (1, 2)  # 1 is 2 with one image per sample
 SPLITS = ("train", "val")
 TAR_MTIME = 1_704_067_200  # fixed member timestamps make shards byte-identical across runs
 
@@ -61,9 +70,9 @@ def split_of(sample_id: str, val_fraction: float, salt: str) -> str:
     return "val" if int.from_bytes(digest[:8], "big") / 2**64 < val_fraction else "train"
 
 
-def order_key(sample_id: str, salt: str) -> str:
-    """Samples are written in hash order, so every shard is a well-mixed slice of the catalog."""
-    return hashlib.sha256(f"order:{salt}:{sample_id}".encode()).hexdigest()
+def order_rank(sample_id: str, salt: str) -> int:
+    """Samples are planned in this hash order, so every shard is a well-mixed slice of the catalog."""
+    return int.from_bytes(hashlib.sha256(f"order:{salt}:{sample_id}".encode()).digest()[:8], "big")
 
 
 def sample_key(sample_id: str) -> str:
@@ -72,110 +81,107 @@ def sample_key(sample_id: str) -> str:
     return f"{safe}_{hashlib.sha1(sample_id.encode()).hexdigest()[:8]}"
 
 
-class SplitWriter:
-    """Writes one split's shards with `webdataset.ShardWriter`, finishing each one atomically.
+def image_member(k: int) -> str:
+    """The sample field of image k (1-based): 'jpg' for the first, '2.jpg', '3.jpg' … after it."""
+    return "jpg" if k == 1 else f"{k}.jpg"
 
-    Shards are written under a temporary name and renamed when complete, then recorded in the split's
-    journal together with the catalog position they cover and the rejects inside that range. A rerun
-    reads the journal and continues after the last finished shard, so an interrupted prepare ends with
-    exactly the shards an uninterrupted one writes. Each journal entry is its own small file, so recording
-    a shard costs the same at shard 5 and shard 5,000, on a local disk or an object store.
+
+def sample_images(raw: dict) -> list[bytes]:
+    """The JPEG bytes of a raw sample's images, in prompt order."""
+    images = []
+    while (member := image_member(len(images) + 1)) in raw:
+        images.append(raw[member])
+    return images
+
+
+class _Hashing:
+    """A write-only file wrapper that counts and hashes what passes through (no second read of the shard)."""
+
+    def __init__(self, fh):
+        self.fh, self.sha256, self.bytes = fh, hashlib.sha256(), 0
+
+    def write(self, data: bytes) -> int:
+        self.sha256.update(data)
+        self.bytes += len(data)
+        return self.fh.write(data)
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    count: int
+    images: int
+    bytes: int
+    sha256: str
+
+
+def write_shard(url: str, samples: Iterable[tuple[dict, list[bytes]]]) -> ShardFile:
+    """Write (metadata, JPEGs) samples, in the order given, as one tar at `url`, atomically; no file when there
+    are no samples. The bytes depend on the samples only (fixed member times and owners), so a rerun writes the
+    identical file."""
+    samples = iter(samples)
+    first = next(samples, None)
+    if first is None:
+        return ShardFile(0, 0, 0, "")
+    count = images = 0
+    with open_atomic(url) as fh:
+        out = _Hashing(fh)
+        tar = TarWriter(out, encoder=False, mtime=TAR_MTIME)
+        for meta, jpegs in itertools.chain([first], samples):
+            sample = {"__key__": sample_key(meta["id"]), "json": json.dumps(meta, ensure_ascii=False).encode()}
+            sample.update({image_member(k): jpeg for k, jpeg in enumerate(jpegs, 1)})
+            tar.write(sample)
+            count, images = count + 1, images + len(jpegs)
+        tar.close()
+    return ShardFile(count, images, out.bytes, out.sha256.hexdigest())
+
+
+class Journal:
+    """prepare's record of finished shards, so that a rerun does only what is missing.
+
+    `_progress/header.json` names the catalog (fingerprint) and settings (hash) the shards come from;
+    `_progress/<shard name>.json` is written by the task that wrote the shard, after the shard itself, and
+    holds what the manifest needs (count, bytes, sha256) plus the shard's ids and rejects. A shard counts as
+    finished when its entry exists and its file has the recorded size; anything else is planned again.
     """
 
-    def __init__(self, out_dir: str, split: str, samples_per_shard: int, max_shard_bytes: int,
-                 journal: list[dict], header: dict):
+    def __init__(self, out_dir: str, header: dict):
         self.out_dir = out_dir.rstrip("/")
-        self.split = split
-        self.fs, self.root = fsspec.core.url_to_fs(self.out_dir)
-        self.fs.makedirs(self.root, exist_ok=True)
-        self.local_tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"vlmtune-{os.getpid()}-{split}"
-        self.local_tmp.mkdir(parents=True, exist_ok=True)
-        self.journal = journal
-        self.journal_dir = f"{self.root}/_progress/{split}"
-        self.journal_url = f"{self.out_dir}/_progress/{split}"
+        self.dir = join(self.out_dir, PROGRESS)
         self.header = header
-        self.pending_ids: list[str] = []
-        self.pending_rejects: list[dict] = []
-        self.position = journal[-1]["covered"] if journal else 0
-        self.aborted = False
-        self.writer = ShardWriter(str(self.local_tmp / f"{split}-%06d.tar"), maxcount=samples_per_shard,
-                                  maxsize=max_shard_bytes, post=self._finish_shard,
-                                  start_shard=sum(1 for e in journal if e["shard"]),
-                                  verbose=0, mtime=TAR_MTIME)
 
-    def _finish_shard(self, tmp_name: str) -> None:
-        tmp = Path(tmp_name)
-        if self.aborted or not self.pending_ids:
-            tmp.unlink(missing_ok=True)
-            return
-        name = tmp.name
-        entry = {"shard": name, "count": len(self.pending_ids), "bytes": tmp.stat().st_size,
-                 "sha256": sha256_file(tmp), "ids": self.pending_ids, "rejects": self.pending_rejects,
-                 "covered": self.position}
-        self.fs.put_file(str(tmp), f"{self.root}/{name}.partial")
-        self.fs.mv(f"{self.root}/{name}.partial", f"{self.root}/{name}")
-        tmp.unlink()
-        self._record(entry)
-        self.pending_ids, self.pending_rejects = [], []
+    def entry_url(self, shard: str) -> str:
+        return join(self.dir, f"{shard.removesuffix('.tar')}.json")
 
-    def _record(self, entry: dict) -> None:
-        if not self.journal:
-            self.fs.makedirs(self.journal_dir, exist_ok=True)
-            write_atomic(f"{self.journal_url}/header.json", json.dumps(self.header))
-        write_atomic(f"{self.journal_url}/{len(self.journal):06d}.json", json.dumps(entry))
-        self.journal.append(entry)
+    def open(self) -> dict[str, dict]:
+        """Entries of the shards earlier runs finished and that are still intact, by shard name; starts a
+        fresh journal when there is none, or when none of its shards was finished. Refuses a journal of
+        finished shards from a different catalog or config, since continuing it would mix two data sets."""
+        fs, root = filesystem(self.out_dir)
+        progress = f"{root}/{PROGRESS}"
+        fs.makedirs(progress, exist_ok=True)
+        if any(fs.exists(f"{progress}/{split}/header.json") for split in SPLITS):
+            raise ShardError(f"{self.out_dir} holds shards prepared by an older vlmtune (journal per split); use "
+                             "another output directory or delete this one")
+        paths = [p for p in fs.glob(f"{progress}/*.json") if not p.endswith("/header.json")]  # [] on a fresh S3 prefix
+        previous = json.loads(fs.cat(f"{progress}/header.json")) if fs.exists(f"{progress}/header.json") else None
+        if previous != self.header:
+            if paths:
+                changed = sorted(k for k in self.header if previous.get(k) != self.header[k])
+                raise ShardError(
+                    f"{self.out_dir} holds shards prepared from a different catalog or config (changed: "
+                    f"{', '.join(changed)}); use another output directory or delete this one")
+            write_atomic(join(self.dir, "header.json"), json.dumps(self.header))
+            return {}
+        files = {p["name"].rsplit("/", 1)[1]: p["size"] for p in fs.ls(root, detail=True)}
+        finished = {}
+        for data in fs.cat(paths).values() if paths else ():
+            entry = json.loads(data)
+            if entry["count"] == 0 or files.get(entry["shard"]) == entry["bytes"]:
+                finished[entry["shard"]] = entry
+        return finished
 
-    def write(self, record: dict, jpeg: bytes) -> None:
-        meta = {k: record[k] for k in ("id", "title", "category", "full_price", "price", "currency")}
-        meta["source"] = {"row": record["row"], "image": record["image"]}
-        # ShardWriter rolls to the next shard *before* writing when the current one is full, which
-        # calls _finish_shard for the previous shard: the sample is only counted after that.
-        self.writer.write({"__key__": sample_key(record["id"]), "jpg": jpeg,
-                           "json": json.dumps(meta, ensure_ascii=False).encode()})
-        self.pending_ids.append(record["id"])
-        self.position += 1
-
-    def reject(self, record: dict, reason: str) -> None:
-        self.pending_rejects.append({"row": record["row"], "id": record["id"], "stage": "image",
-                                     "reason": reason})
-        self.position += 1
-
-    def close(self, ok: bool) -> None:
-        self.aborted = not ok
-        if ok and self.pending_rejects and not self.pending_ids:
-            # Rejects with no sample left to carry them into a shard's entry still need recording.
-            self._record({"shard": None, "count": 0, "rejects": self.pending_rejects, "covered": self.position})
-        self.writer.close()
-        for leftover in self.local_tmp.glob("*"):
-            leftover.unlink()
-        self.local_tmp.rmdir()
-
-
-def read_journal(out_dir: str, split: str, header: dict) -> list[dict]:
-    """Finished shards of a previous run, or [] when starting fresh. Refuses a journal from a different
-    catalog or config, since continuing it would mix two data sets."""
-    fs, root = fsspec.core.url_to_fs(out_dir.rstrip("/"))
-    directory = f"{root}/_progress/{split}"
-    if not fs.exists(f"{directory}/header.json"):
-        return []
-    with fs.open(f"{directory}/header.json", "r") as fh:
-        previous = json.load(fh)
-    if previous != header:
-        changed = sorted(k for k in header if previous.get(k) != header[k])
-        raise ShardError(
-            f"{out_dir} holds shards prepared from a different catalog or config (changed: {', '.join(changed)}); "
-            "use another output directory or delete this one"
-        )
-    names = sorted(p.rsplit("/", 1)[1] for p in fs.ls(directory, detail=False))
-    entries = []
-    for name in (n for n in names if n[:6].isdigit() and n.endswith(".json")):
-        with fs.open(f"{directory}/{name}", "r") as fh:
-            entries.append(json.load(fh))
-    for entry in entries:
-        if entry["shard"] is not None and not fs.exists(f"{root}/{entry['shard']}"):
-            raise ShardError(f"{out_dir}: journal lists {entry['shard']} but the file is missing; delete the "
-                             "directory and prepare again")
-    return entries
+    def record(self, entry: dict) -> None:
+        write_atomic(self.entry_url(entry["shard"]), json.dumps(entry, ensure_ascii=False))
 
 
 def write_manifest(out_dir: str, manifest: dict) -> None:
@@ -205,9 +211,9 @@ def load_manifest(shard_dir: str) -> dict:
         raise ShardError(f"no {MANIFEST} in {shard_dir}: run `python jobs/prepare_data.py` first")
     with fs.open(path, "r") as fh:
         manifest = json.load(fh)
-    if manifest.get("schema_version") != SCHEMA_VERSION:
+    if manifest.get("schema_version") not in READABLE_SCHEMAS:
         raise ShardError(f"{shard_dir}/{MANIFEST}: schema_version {manifest.get('schema_version')} "
-                         f"(this vlmtune reads {SCHEMA_VERSION}); prepare the data again")
+                         f"(this vlmtune reads {', '.join(map(str, READABLE_SCHEMAS))}); prepare the data again")
     return manifest
 
 
@@ -274,20 +280,23 @@ def read_metadata(shards: list[ShardInfo]) -> list[dict]:
 
 
 def decode_sample(raw: dict) -> dict:
-    """Raw tar members → {'key', 'image' (PIL RGB), 'meta'}; a bad member raises SampleSkipped."""
+    """Raw tar members → {'key', 'images' (PIL RGB, prompt order), 'image' (the first), 'meta'}; a bad member
+    raises SampleSkipped."""
     key = raw.get("__key__", "?")
-    if "json" not in raw or "jpg" not in raw:
+    jpegs = sample_images(raw)
+    if "json" not in raw or not jpegs:
         raise SampleSkipped(f"{key}: incomplete sample (members: {sorted(k for k in raw if not k.startswith('__'))})")
     try:
         meta = json.loads(raw["json"])
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SampleSkipped(f"{key}: bad JSON ({e})") from None
-    try:
-        image = Image.open(io.BytesIO(raw["jpg"]))
-        image = image.convert("RGB")
-    except (OSError, SyntaxError, ValueError) as e:
-        raise SampleSkipped(f"{key}: bad image ({e})") from None
-    return {"key": key, "image": image, "meta": meta}
+    images = []
+    for k, jpeg in enumerate(jpegs, 1):
+        try:
+            images.append(Image.open(io.BytesIO(jpeg)).convert("RGB"))
+        except (OSError, SyntaxError, ValueError) as e:
+            raise SampleSkipped(f"{key}: bad image{f' {k}' if len(jpegs) > 1 else ''} ({e})") from None
+    return {"key": key, "image": images[0], "images": images, "meta": meta}
 
 
 class ShardStream(torch.utils.data.IterableDataset):

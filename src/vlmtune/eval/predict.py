@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -23,18 +25,22 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from vlmtune.config import Config
+from vlmtune.config import Config, ImageConfig
 from vlmtune.console import console
+from vlmtune.data.catalog import CatalogRows
 from vlmtune.data.collate import SampleEncoder
-from vlmtune.data.prompts import answer_text, parse_answer
-from vlmtune.data.shards import raw_samples, split_shards
+from vlmtune.data.images import Fetcher, load_product_images
+from vlmtune.data.prompts import answer_text, has_answer, parse_answer
+from vlmtune.data.shards import raw_samples, sample_images, split_shards
+
+log = logging.getLogger(__name__)
 
 COLUMNS = ["id", "image", "target", "generated", "title", "category", "full_price", "currency",
            "pred_title", "pred_category", "pred_full_price", "pred_currency", "parse_error", "error"]
 
 
 def shard_rows(row: dict, skip: frozenset = frozenset()) -> list[dict]:
-    """Ray Data flat_map: one shard URL → its samples as {id, image_ref, jpg, meta}, minus the `skip` ids."""
+    """Ray Data flat_map: one shard URL → its samples as {id, image_ref, images, meta}, minus the `skip` ids."""
     rows = []
     for raw in raw_samples(row["url"]):
         try:
@@ -44,21 +50,32 @@ def shard_rows(row: dict, skip: frozenset = frozenset()) -> list[dict]:
         if str(meta["id"]) in skip:
             continue
         rows.append({"id": str(meta["id"]), "image_ref": f"{row['url']}#{raw['__key__']}",
-                     "jpg": raw.get("jpg", b""), "meta": json.dumps(meta, ensure_ascii=False)})
+                     "images": sample_images(raw), "meta": json.dumps(meta, ensure_ascii=False)})
     return rows
 
 
-def catalog_rows(batch: dict[str, np.ndarray], images) -> dict[str, np.ndarray]:
-    """Ray Data map_batches: catalog records → the prepare image pipeline → rows like `shard_rows`."""
-    from vlmtune.data.prepare import fetch_batch
-
-    fetched = fetch_batch({"record": batch["record"]}, images)
+def catalog_rows(batch: dict[str, np.ndarray], images: ImageConfig) -> dict[str, np.ndarray]:
+    """Ray Data map_batches: catalog records → fetched and normalised like prepare's → rows like `shard_rows`.
+    A product predicts from the images that pass; only a product with none gets an error instead."""
     metas = [json.loads(r) for r in batch["record"]]
+    fetcher = Fetcher(images)
+    with ThreadPoolExecutor(max_workers=min(images.fetch_threads, len(metas))) as pool:
+        products = list(pool.map(lambda m: load_product_images(m["images"], images, fetcher), metas))
+    for meta, product in zip(metas, products, strict=True):
+        if not product.jpegs:
+            meta["error"] = "; ".join(reason for _, reason in product.failures)
     return {"id": np.array([m["id"] for m in metas], dtype=object),
-            "image_ref": np.array([m["image"] for m in metas], dtype=object),
-            "jpg": fetched["jpeg"],
-            "meta": np.array([json.dumps(m if not e else {**m, "error": e}, ensure_ascii=False)
-                              for m, e in zip(metas, fetched["error"], strict=True)], dtype=object)}
+            "image_ref": np.array([m["images"][0] for m in metas], dtype=object),
+            "images": _object_array([p.jpegs for p in products]),
+            "meta": np.array([json.dumps(m, ensure_ascii=False) for m in metas], dtype=object)}
+
+
+def _object_array(items: list) -> np.ndarray:
+    """A 1-D object array of `items` (np.array would turn equally long lists into a 2-D array)."""
+    out = np.empty(len(items), dtype=object)
+    for i, item in enumerate(items):
+        out[i] = item
+    return out
 
 
 class AnswerGenerator:
@@ -81,13 +98,13 @@ class AnswerGenerator:
 
         metas = [json.loads(m) for m in batch["meta"]]
         samples, errors, where = [], [""] * len(metas), []
-        for i, (meta, jpg) in enumerate(zip(metas, batch["jpg"], strict=True)):
+        for i, (meta, jpegs) in enumerate(zip(metas, batch["images"], strict=True)):
             if meta.get("error"):
                 errors[i] = meta["error"]
                 continue
             try:
-                image = Image.open(io.BytesIO(jpg)).convert("RGB")
-                samples.append(self.encoder({"image": image, "meta": meta, "key": meta["id"]}))
+                images = [Image.open(io.BytesIO(jpeg)).convert("RGB") for jpeg in jpegs]
+                samples.append(self.encoder({"images": images, "meta": meta, "key": meta["id"]}))
                 where.append(i)
             except Exception as e:  # one bad image must not lose the batch; it is recorded per row
                 errors[i] = f"{type(e).__name__}: {e}"
@@ -101,17 +118,19 @@ class AnswerGenerator:
 
 
 def _result_columns(batch, metas, texts, errors, cfg: Config) -> dict[str, np.ndarray]:
+    """One output row per input row. Target columns hold what the input knows: a catalog of new products
+    has no title, category or price yet, and those columns stay empty (the target text too, unless all are
+    there)."""
     out: dict[str, list] = {c: [] for c in COLUMNS}
     for meta, ref, text, error in zip(metas, batch["image_ref"], texts, errors, strict=True):
         parsed = parse_answer(text)
-        has_target = all(k in meta for k in ("title", "category", "full_price", "currency"))
         out["id"].append(str(meta["id"]))
         out["image"].append(ref)
-        out["target"].append(answer_text(meta, cfg.data.prompt) if has_target else "")
+        out["target"].append(answer_text(meta, cfg.data.prompt) if has_answer(meta) else "")
         out["generated"].append(text)
         out["title"].append(meta.get("title"))
-        out["category"].append(json.dumps(meta.get("category")) if has_target else None)
-        out["full_price"].append(float(meta["full_price"]) if has_target else None)
+        out["category"].append(json.dumps(meta["category"]) if meta.get("category") else None)
+        out["full_price"].append(float(meta["full_price"]) if meta.get("full_price") is not None else None)
         out["currency"].append(meta.get("currency"))
         out["pred_title"].append(parsed.title)
         out["pred_category"].append(parsed.category)
@@ -180,7 +199,8 @@ def predict(cfg: Config, model: str, source: str, output: str, split: str = "val
         from vlmtune.data.catalog import read_catalog
 
         catalog = cfg.data.catalog.model_copy(update={"source": source})
-        rows = read_catalog(catalog)
+        rows = read_catalog(catalog, "predict", cfg.data.images.max_per_product)
+        _report_catalog(source, rows)
         records = [r for r in rows.records if r["id"] not in done][: max_samples and max_samples - len(done)]
         if not records:
             return _read(writer.dir)
@@ -204,6 +224,16 @@ def predict(cfg: Config, model: str, source: str, output: str, split: str = "val
             bar.update()
     writer.flush()
     return _read(writer.dir)
+
+
+def _report_catalog(source: str, rows: CatalogRows) -> None:
+    """Rows that cannot be predicted (no id, no usable image, a repeated id) and label values that cannot
+    serve as targets, said once each with the first examples (no id is silently left out)."""
+    for what, items in (("row(s) not predicted", rows.rejects),
+                        ("row(s) without a usable target value (predicted all the same)", rows.target_notes)):
+        if items:
+            examples = "; ".join(f"row {r.row}: {r.reason}" for r in items[:3])
+            log.warning("%s: %d %s, e.g. %s", source, len(items), what, examples)
 
 
 def _read(directory: Path) -> pd.DataFrame:
