@@ -32,12 +32,12 @@ from vlmtune.config import Config
 from vlmtune.data.batching import MicroBatches
 from vlmtune.data.collate import IGNORE_INDEX, SampleEncoder
 from vlmtune.data.shards import ShardStream, split_shards, verify_shards
-from vlmtune.errors import VlmtuneError
+from vlmtune.errors import CheckpointError, VlmtuneError
 from vlmtune.eval.generate import generate_answers
 from vlmtune.eval.metrics import score
 from vlmtune.models.loading import prepare_model, trainable_parameter_summary
 from vlmtune.tracking import Tracker
-from vlmtune.train.checkpoint import LoopState, check_resumable, restore, save_and_report, set_rng_state
+from vlmtune.train.checkpoint import LoopState, choose_checkpoint, loads_universal, restore, resume_rng, save_and_report
 from vlmtune.train.engine import build_engine
 from vlmtune.train.metrics import FlopCounter, Throughput
 from vlmtune.train.progress import Progress
@@ -80,6 +80,15 @@ def agree_on_failure(error: VlmtuneError | None, worker: Worker) -> str | None:
         return None
     rank, message = failed[0]
     return message if worker.world_size == 1 else f"{message} (worker {rank})"
+
+
+def start_position(state: LoopState, worker: Worker) -> tuple[int, int]:
+    """Where this rank's train stream starts: its own saved position; after a change of world size
+    (`state.previous_positions`: every old rank's position), the start of the epoch after the furthest one
+    any old rank reached."""
+    if state.previous_positions is None:
+        return state.position
+    return max(epoch for epoch, _ in state.previous_positions) + 1, 0
 
 
 def setup_data(cfg: Config, processor, worker: Worker, position: tuple[int, int],
@@ -195,15 +204,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     cfg = Config.model_validate(loop_config["config"])
     worker = setup_worker(cfg)
     progress = Progress(loop_config.get("progress"), worker.rank)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and loop_config.get("resume_from"):
-        checkpoint = ray.train.Checkpoint(loop_config["resume_from"])
 
     # Everything that can fail for a reason the user must fix, before the first collective operation.
-    error = model = processor = None
+    error = model = processor = resume = None
     try:
-        if checkpoint is not None:
-            check_resumable(checkpoint, worker.world_size)
+        resume = choose_checkpoint(cfg, ray.train.get_checkpoint(), loop_config.get("resume_from"),
+                                   warn=progress.warn_once)
         shard_dir = cfg.data.shards.dir
         shards = split_shards(shard_dir, "train") + split_shards(shard_dir, "val")
         verify_shards(shards[worker.rank :: worker.world_size])  # each rank checks a disjoint share
@@ -217,15 +223,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
         return
 
     flops = FlopCounter.for_model(model)
-    engine = build_engine(model, cfg.train, worker.world_size, worker.on_gpu)
-    state = restore(engine, checkpoint, worker.rank) if checkpoint else LoopState()
+    engine = build_engine(model, cfg.train, worker.world_size, worker.on_gpu,
+                          load_universal=loads_universal(resume, worker.world_size, cfg.train.zero_stage))
+    try:
+        state = restore(engine, resume, cfg, worker.rank, worker.world_size)
+    except CheckpointError as e:  # raised on every rank alike
+        progress.fail(str(e))
+        return
     tracker = Tracker(cfg.tracking, tracking_dir(cfg), cfg.cluster.run_name, cfg.model_dump(mode="json"),
-                      run_id=state.wandb_run_id, active=worker.rank == 0)
+                      run_id=state.wandb_run_id, active=worker.rank == 0, attempt=state.attempt,
+                      start_step=state.step, warn=progress.warn_once)
     state.wandb_run_id = tracker.run_id
     if worker.rank == 0:
         log.info("trainable parameters: %s", trainable_parameter_summary(engine.module))
-        log.info("%s from step %d", "resuming" if checkpoint else "starting", state.step)
-    data = setup_data(cfg, processor, worker, state.position, on_skip=progress.warn)
+        log.info("%s from step %d", "resuming" if resume else "starting", state.step)
+    data = setup_data(cfg, processor, worker, start_position(state, worker), on_skip=progress.warn)
     progress.start(state.step, cfg.train.max_steps)
 
     # A fresh run is evaluated once before training, as the baseline of every curve; a resumed one continues
@@ -233,8 +245,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     last_eval = evaluate(engine, processor, data, cfg, worker, tracker, state.step) if state.step == 0 else {}
     if last_eval:
         progress.evaluated(state.step, last_eval)
-    if state.rng is not None:
-        set_rng_state(state.rng)
+    resume_rng(state, cfg.train.seed, worker.rank)
     throughput = Throughput(worker.device, worker.world_size)
     losses: list[torch.Tensor] = []
     engine.train()
@@ -259,7 +270,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
             progress.evaluated(state.step, last_eval)
             throughput.reset()  # eval time is not training throughput
         if checkpoint_due:
-            save_and_report(engine, cfg, state, {"step": state.step, **last_eval}, worker.rank, worker.world_size)
+            try:
+                save_and_report(engine, cfg, state, {"step": state.step, **last_eval}, worker.rank, worker.world_size)
+            except CheckpointError as e:  # the adapter check: raised on every rank alike
+                progress.fail(str(e))
+                tracker.finish()
+                return
             progress.saved(state.step)
             throughput.reset()
     tracker.finish()
