@@ -221,30 +221,39 @@ def test_an_altered_shard_ends_the_run_with_one_line_and_no_retry(shards, tmp_pa
     assert log.read_text().count("Started training worker group") == 1  # no restart was spent on it
 
 
-def test_a_run_resumes_on_fewer_workers_from_its_last_complete_checkpoint(shards, tmp_path, monkeypatch):
-    """Two workers train to step 4 (checkpoints at 2 and 4); the driver dies after step 4 was logged and its
-    checkpoint registered, before the completion marker (removed here). The rerun, on one worker, skips that
-    checkpoint and says so, resumes the two workers' state from step 2, and every step keeps one value: the
-    latest attempt's, in metrics.jsonl and in the rewound W&B run."""
-    common = ["train.zero_stage=2", "model.lora.enabled=true", "train.checkpoint_every=2", "export.enabled=false",
-              "train.table_samples=0"]
-    train(config(shards, tmp_path, "shrink", *common, "train.max_steps=4"))
-    run = tmp_path / "runs" / "shrink"
-    (run / "checkpoint-0000004" / runs.COMPLETE).unlink()
+def test_a_run_in_s3_resumes_on_fewer_workers_from_its_last_complete_checkpoint(shards, tmp_path, s3_server,
+                                                                                 monkeypatch):
+    """The run directory on an S3 server (moto on loopback, its endpoint in pyarrow's URL options, which
+    vlmtune's own calls follow too). Two workers train to step 4 (checkpoints at 2 and 4); the driver dies after
+    step 4 was logged and its checkpoint registered, before the completion marker (removed here). The rerun, on
+    one worker, skips that checkpoint and says so, resumes the two workers' state from step 2, exports the final
+    checkpoint to S3, and every step keeps one value: the latest attempt's, in metrics.jsonl and in the rewound
+    W&B run."""
+    runs_url = f"s3://vlmtune/runs?endpoint_override={s3_server}&scheme=http"
+    run, tracking = storage.join(runs_url, "shrink"), tmp_path / "tracking"
+    common = [f"cluster.storage_path={runs_url}", f"tracking.dir={tracking}", "train.zero_stage=2",
+              "model.lora.enabled=true", "train.checkpoint_every=2", "train.table_samples=0"]
+    train(config(shards, tmp_path, "shrink", *common, "train.max_steps=4", "export.enabled=false"))
+    incomplete = storage.join(run, "checkpoint-0000004")
+    fs, marker = storage.filesystem(storage.join(incomplete, runs.COMPLETE))
+    fs.rm(marker)
     console_notes = io.StringIO()
     monkeypatch.setattr(console, "err", console_notes)
     outputs = train(config(shards, tmp_path, "shrink", *common, "train.max_steps=6", "cluster.num_workers=1"))
 
-    assert (f"warning: checkpoint {run}/checkpoint-0000004 is not used: it has no completion marker (the run stopped "
-            f"before every worker's files were saved); resuming from {run}/checkpoint-0000002 instead"
+    assert (f"warning: checkpoint {incomplete} is not used: it has no completion marker (the run stopped before "
+            f"every worker's files were saved); resuming from {storage.join(run, 'checkpoint-0000002')} instead"
             ) in console_notes.getvalue()
-    final = Path(outputs["checkpoint"])
-    assert final.name == "checkpoint-0000006" and runs.incomplete_reason(final) is None
+    final = storage.join(run, storage.basename(outputs["checkpoint"]))
+    assert storage.basename(final) == "checkpoint-0000006" and runs.incomplete_reason(final) is None
     assert runs.read_trainer_state(final).world_size == 1
-    (step_4_again,) = run.glob("checkpoint-0000004-*")  # beside the incomplete one Ray Train still lists
-    assert runs.incomplete_reason(step_4_again) is None
+    (step_4_again,) = [d for d in storage.subdirectories(run) if storage.basename(d).startswith("checkpoint-0000004-")]
+    assert runs.incomplete_reason(step_4_again) is None  # saved beside the incomplete one Ray Train still lists
+    assert outputs["export"] == storage.join(run, "export")
+    assert {"model.safetensors", "config.json", "vlmtune_export.json"} <= set(storage.file_sizes(outputs["export"]))
+    assert json.loads(storage.read_text(storage.join(outputs["export"], "vlmtune_export.json")))["step"] == 6
 
-    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (tracking / "metrics.jsonl").read_text().splitlines()]
     first, second = [r for r in logged if "start_step" in r]
     assert (first["start_step"], second["start_step"]) == (0, 2)
     by_attempt = {a: {r["step"]: r["loss"] for r in logged if "loss" in r and r["attempt"] == a}
@@ -252,31 +261,9 @@ def test_a_run_resumes_on_fewer_workers_from_its_last_complete_checkpoint(shards
     before, after = by_attempt[first["attempt"]], by_attempt[second["attempt"]]
     assert sorted(before) == [1, 2, 3, 4] and sorted(after) == [3, 4, 5, 6]
     assert before[3] != after[3]  # two workers' batches, then one worker's
-    assert losses(run) == {1: before[1], 2: before[2], 3: after[3], 4: after[4], 5: after[5], 6: after[6]}
-    segments = run_files(run)
+    assert losses(tracking) == {1: before[1], 2: before[2], 3: after[3], 4: after[4], 5: after[5], 6: after[6]}
+    segments = run_files(tracking)
     assert len(segments) == 2 and branch_point(segments[1]) == (run_id(segments[0]), "_step", 2.0)
-
-
-def test_checkpoints_in_s3_are_marked_complete_resumed_and_exported(shards, tmp_path, s3_server):
-    """`cluster.storage_path` on an S3 server (moto on loopback) with pyarrow's endpoint options: Ray Train
-    writes the checkpoints there, vlmtune its completion markers (through fsspec, from the same URL); a rerun
-    resumes from S3 and exports the final checkpoint to the run directory in S3."""
-    runs_url = f"s3://vlmtune/runs?endpoint_override={s3_server}&scheme=http"
-    common = [f"cluster.storage_path={runs_url}", "train.zero_stage=3", "model.lora.enabled=true",
-              "train.checkpoint_every=2", "train.table_samples=0", f"tracking.dir={tmp_path / 'tracking'}"]
-    train(config(shards, tmp_path, "in-s3", *common, "train.max_steps=2", "export.enabled=false"))
-    outputs = train(config(shards, tmp_path, "in-s3", *common, "train.max_steps=4"))
-
-    run = storage.join(runs_url, "in-s3")
-    assert outputs["export"] == storage.join(run, "export")
-    for step in (2, 4):
-        assert runs.incomplete_reason(storage.join(run, runs.checkpoint_name(step))) is None
-    exported = storage.file_sizes(outputs["export"])
-    assert {"model.safetensors", "config.json", "vlmtune_export.json"} <= set(exported)
-    assert json.loads(storage.read_text(storage.join(outputs["export"], "vlmtune_export.json")))["step"] == 4
-    logged = [json.loads(line) for line in (tmp_path / "tracking" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["start_step"] for r in logged if "start_step" in r] == [0, 2]  # resumed from S3
-    assert sorted(losses(tmp_path / "tracking")) == [1, 2, 3, 4]
 
 
 def test_an_adapter_that_training_left_at_zero_ends_the_run_before_it_is_saved(shards, tmp_path):
