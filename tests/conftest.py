@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -14,6 +19,11 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# S3 tests talk to a local moto server (the s3_server fixture). Ray Train's workers sign their requests with
+# whatever credentials the cluster started here inherits, so it gets test ones (never used elsewhere).
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 
 LOCAL_RAY = dict(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
@@ -64,3 +74,31 @@ def sample_shards(ray_local, tmp_path_factory) -> str:
                                  "data.images.max_side=128"])
     prepare(cfg.data)
     return str(out)
+
+
+@pytest.fixture
+def s3_server(tmp_path):
+    """A real S3 API on loopback (moto's server) with an empty bucket `vlmtune`; yields its endpoint,
+    host:port. Stopped, with everything in it, at the end of the test."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = (tmp_path / "moto.log").open("w")
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log,
+                              stderr=subprocess.STDOUT)
+    endpoint = f"127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(urllib.request.Request(f"http://{endpoint}/vlmtune", method="PUT"), timeout=2)
+                break
+            except (urllib.error.URLError, ConnectionError):
+                if time.time() > deadline or server.poll() is not None:
+                    raise RuntimeError(f"moto did not start: {(tmp_path / 'moto.log').read_text()[-2000:]}") from None
+                time.sleep(0.2)
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()

@@ -54,3 +54,23 @@ def run_id(path: str | Path) -> str:
         if record.WhichOneof("record_type") == "run":
             return record.run.run_id
     raise AssertionError(f"{path} has no run record")
+
+
+def branch_point(path: str | Path) -> tuple[str, str, float] | None:
+    """(run id, metric, value) of the point a run file rewinds or forks its run to, None when it has none."""
+    for record in records(path):
+        if record.WhichOneof("record_type") == "run" and record.run.HasField("branch_point"):
+            point = record.run.branch_point
+            return point.run, point.metric, point.value
+    return None
+
+
+def run_files(directory: str | Path) -> list[Path]:
+    """The offline run files under `directory/wandb`, in the order they were started. W&B names each run's
+    directory offline-run-<time>-<run id>, adding -<n> when a run of the same id started in the same second."""
+
+    def started(path: Path) -> tuple[str, int]:
+        _, _, stamp, _, *taken = path.parent.name.split("-")
+        return stamp, int(taken[0]) if taken else 0
+
+    return sorted(Path(directory).glob("wandb/offline-run-*/run-*.wandb"), key=started)

@@ -1,10 +1,10 @@
 """Checkpoint → Hugging Face directory, and the one place that turns a model argument into a loadable name.
 
-A checkpoint holds only the trained parameters (see runs.py). Export rebuilds the model the run trained —
-base weights from `model.name_or_path`, LoRA or the freeze policy from the stored config — loads the
-trained parameters consolidated to fp32, then writes either the merged model (LoRA folded into the
-weights: loadable by vlmtune, by transformers with vlmtune imported, by Microsoft's code and by vLLM) or
-the PEFT adapter alone.
+A checkpoint holds only the trained parameters (see runs.py), and only a complete one is exported. Export
+rebuilds the model the run trained — base weights from `model.name_or_path`, LoRA or the freeze policy from
+the stored config — loads the trained parameters consolidated to fp32, then writes either the merged model
+(LoRA folded into the weights: loadable by vlmtune, by transformers with vlmtune imported, by Microsoft's
+code and by vLLM) or the PEFT adapter alone.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def export_checkpoint(checkpoint_dir: str | Path, out_dir: str | Path, export: E
     """Write the HF directory for a vlmtune checkpoint; returns `out_dir`."""
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     trainer_state = runs.read_trainer_state(checkpoint_dir)
+    runs.require_complete(checkpoint_dir)
     cfg = runs.read_config(checkpoint_dir)
     export = export or cfg.export
     model, processor = prepare_model(cfg.model, torch.float32, seed=cfg.train.seed)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -15,8 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.wandb_records import history, run_id
+from tests.wandb_records import branch_point, history, run_files, run_id
+from vlmtune import runs, storage
 from vlmtune.config import load_config
+from vlmtune.console import console
+from vlmtune.errors import VlmtuneError
 from vlmtune.launch.ray import train
 from vlmtune.models.loading import load
 from vlmtune.tracking import read_metrics
@@ -172,10 +176,11 @@ def test_killed_worker_restarts_from_the_last_checkpoint(shards, tmp_path):
     killer.join(timeout=5)
     assert killed, "no training worker was found to kill"
     assert json.loads((Path(outputs["checkpoint"]) / "trainer_state.json").read_text())["step"] == 40
-    steps = [r["step"] for r in read_metrics(run) if "loss" in r]
-    assert steps.count(1) == 1, "the restart began from scratch instead of a checkpoint"
-    assert len(steps) > len(set(steps)), "no step was run twice: the worker was not restarted"
-    assert sorted(set(steps)) == list(range(1, 41))
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    starts = [r["start_step"] for r in logged if "start_step" in r]
+    assert len(starts) == 2, "the worker was not restarted"
+    assert starts[1] > 0, "the restart began from scratch instead of a checkpoint"
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, 41))  # each step once
 
 
 def test_ray_job_submit_to_a_running_cluster(shards, tmp_path):
@@ -218,3 +223,58 @@ def test_an_altered_shard_ends_the_run_with_one_line_and_no_retry(shards, tmp_pa
     assert "Traceback" not in done.stderr
     (log,) = (runs_dir / "altered" / "logs").glob("train-*.log")
     assert log.read_text().count("Started training worker group") == 1  # no restart was spent on it
+
+
+def test_a_run_in_s3_resumes_on_fewer_workers_from_its_last_complete_checkpoint(shards, tmp_path, s3_server,
+                                                                                 monkeypatch):
+    """The run directory on an S3 server (moto on loopback, its endpoint in pyarrow's URL options, which
+    vlmtune's own calls follow too). Two workers train to step 4 (checkpoints at 2 and 4); the driver dies after
+    step 4 was logged and its checkpoint registered, before the completion marker (removed here). The rerun, on
+    one worker, skips that checkpoint and says so, resumes the two workers' state from step 2, exports the final
+    checkpoint to S3, and every step keeps one value: the latest attempt's, in metrics.jsonl and in the rewound
+    W&B run."""
+    runs_url = f"s3://vlmtune/runs?endpoint_override={s3_server}&scheme=http"
+    run, tracking = storage.join(runs_url, "shrink"), tmp_path / "tracking"
+    common = [f"cluster.storage_path={runs_url}", f"tracking.dir={tracking}", "train.zero_stage=2",
+              "model.lora.enabled=true", "train.checkpoint_every=2", "train.table_samples=0"]
+    train(config(shards, tmp_path, "shrink", *common, "train.max_steps=4", "export.enabled=false"))
+    incomplete = storage.join(run, "checkpoint-0000004")
+    fs, marker = storage.filesystem(storage.join(incomplete, runs.COMPLETE))
+    fs.rm(marker)
+    console_notes = io.StringIO()
+    monkeypatch.setattr(console, "err", console_notes)
+    outputs = train(config(shards, tmp_path, "shrink", *common, "train.max_steps=6", "cluster.num_workers=1"))
+
+    assert (f"warning: checkpoint {incomplete} is not used: it has no completion marker (the run stopped before "
+            f"every worker's files were saved); resuming from {storage.join(run, 'checkpoint-0000002')} instead"
+            ) in console_notes.getvalue()
+    final = storage.join(run, storage.basename(outputs["checkpoint"]))
+    assert storage.basename(final) == "checkpoint-0000006" and runs.incomplete_reason(final) is None
+    assert runs.read_trainer_state(final).world_size == 1
+    (step_4_again,) = [d for d in storage.subdirectories(run) if storage.basename(d).startswith("checkpoint-0000004-")]
+    assert runs.incomplete_reason(step_4_again) is None  # saved beside the incomplete one Ray Train still lists
+    assert outputs["export"] == storage.join(run, "export")
+    assert {"model.safetensors", "config.json", "vlmtune_export.json"} <= set(storage.file_sizes(outputs["export"]))
+    assert json.loads(storage.read_text(storage.join(outputs["export"], "vlmtune_export.json")))["step"] == 6
+
+    logged = [json.loads(line) for line in (tracking / "metrics.jsonl").read_text().splitlines()]
+    first, second = [r for r in logged if "start_step" in r]
+    assert (first["start_step"], second["start_step"]) == (0, 2)
+    by_attempt = {a: {r["step"]: r["loss"] for r in logged if "loss" in r and r["attempt"] == a}
+                  for a in (first["attempt"], second["attempt"])}
+    before, after = by_attempt[first["attempt"]], by_attempt[second["attempt"]]
+    assert sorted(before) == [1, 2, 3, 4] and sorted(after) == [3, 4, 5, 6]
+    assert before[3] != after[3]  # two workers' batches, then one worker's
+    assert losses(tracking) == {1: before[1], 2: before[2], 3: after[3], 4: after[4], 5: after[5], 6: after[6]}
+    segments = run_files(tracking)
+    assert len(segments) == 2 and branch_point(segments[1]) == (run_id(segments[0]), "_step", 2.0)
+
+
+def test_an_adapter_that_training_left_at_zero_ends_the_run_before_it_is_saved(shards, tmp_path):
+    """A learning rate that underflows leaves lora_B at its zero initialisation: the first save stops the run
+    with one clear error on the driver, and no checkpoint is written."""
+    cfg = config(shards, tmp_path, "zero-adapter", "train.zero_stage=3", "model.lora.enabled=true", "train.lr=1e-50",
+                 "train.max_steps=1", "train.checkpoint_every=1", "train.table_samples=0", "export.enabled=false")
+    with pytest.raises(VlmtuneError, match=r"the LoRA adapter to save at step 1 is all zero \(lora_B\)"):
+        train(cfg)
+    assert not list((tmp_path / "runs" / "zero-adapter").glob("checkpoint-*"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 
 import ray
 import ray.train
@@ -99,8 +100,14 @@ def connect() -> None:
 
 @ray.remote(num_cpus=1)
 def _export_task(checkpoint: ray.train.Checkpoint, out_dir: str) -> str:
+    """The export of a checkpoint, local or remote, written locally first when `out_dir` is remote."""
     with checkpoint.as_directory() as directory:
-        return str(export_checkpoint(directory, out_dir))
+        if storage.is_local(out_dir):
+            return str(export_checkpoint(directory, out_dir))
+        with tempfile.TemporaryDirectory(prefix="vlmtune-export-") as local:
+            export_checkpoint(directory, local)
+            storage.upload_dir(local, out_dir)
+        return out_dir
 
 
 def train(cfg: Config) -> dict:

@@ -15,7 +15,9 @@ import torch
 from vlmtune.config import TrainConfig
 
 
-def deepspeed_config(train: TrainConfig, world_size: int, on_gpu: bool) -> dict:
+def deepspeed_config(train: TrainConfig, world_size: int, on_gpu: bool, load_universal: bool = False) -> dict:
+    """`load_universal`: the engine will load a universal checkpoint (one converted from another world size,
+    see train/universal.py)."""
     zero: dict = {"stage": train.zero_stage}
     if train.zero_stage > 0:
         zero.update(contiguous_gradients=True, overlap_comm=on_gpu, reduce_bucket_size=5e8,
@@ -35,6 +37,8 @@ def deepspeed_config(train: TrainConfig, world_size: int, on_gpu: bool) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     if train.offload_optimizer:
         config["optimizer"] = {"type": "AdamW", "params": {
             "lr": train.lr, "betas": list(train.betas), "eps": train.eps, "weight_decay": train.weight_decay}}
@@ -63,7 +67,8 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             if g["params"]]
 
 
-def build_engine(model: torch.nn.Module, train: TrainConfig, world_size: int, on_gpu: bool):
+def build_engine(model: torch.nn.Module, train: TrainConfig, world_size: int, on_gpu: bool,
+                 load_universal: bool = False):
     """`deepspeed.initialize` with our optimizer and schedule, on the process group Ray Train created (NCCL on
     GPUs, gloo on CPUs); the engine steps the schedule itself."""
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
@@ -74,5 +79,5 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, world_size: int, on
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train)),
-        config=deepspeed_config(train, world_size, on_gpu))
+        config=deepspeed_config(train, world_size, on_gpu, load_universal))
     return engine

@@ -31,14 +31,14 @@ from vlmtune import runs, storage
 from vlmtune.config import BatchingConfig, Config
 from vlmtune.data.batching import MicroBatch, MicroBatches
 from vlmtune.data.collate import SampleEncoder
-from vlmtune.data.position import DataPosition
+from vlmtune.data.position import DataPosition, redistribute
 from vlmtune.data.shards import ShardStream, split_shards, verify_shards
-from vlmtune.errors import VlmtuneError
+from vlmtune.errors import CheckpointError, VlmtuneError
 from vlmtune.eval.generate import generate_answers
 from vlmtune.eval.metrics import score
 from vlmtune.models.loading import prepare_model, trainable_parameter_summary
 from vlmtune.tracking import Tracker
-from vlmtune.train.checkpoint import LoopState, check_resumable, restore, save_and_report, set_rng_state
+from vlmtune.train.checkpoint import LoopState, choose_checkpoint, loads_universal, restore, resume_rng, save_and_report
 from vlmtune.train.engine import build_engine
 from vlmtune.train.metrics import FlopCounter, Throughput
 from vlmtune.train.progress import Progress
@@ -83,15 +83,25 @@ def agree_on_failure(error: VlmtuneError | None, worker: Worker) -> str | None:
     return message if worker.world_size == 1 else f"{message} (worker {rank})"
 
 
-def setup_data(cfg: Config, processor, worker: Worker, position: DataPosition, long_from: int,
+def start_position(state: LoopState, train_samples: int, worker: Worker) -> DataPosition:
+    """Where this rank's train data starts: its own saved position, a fresh one, or, after a change of world
+    size (`state.previous_positions`: every old rank's position), its share of what no old rank consumed."""
+    if state.previous_positions is not None:
+        return redistribute(state.previous_positions, train_samples, worker.rank, worker.world_size)
+    return state.position or DataPosition()
+
+
+def setup_data(cfg: Config, processor, worker: Worker, state: LoopState, long_from: int,
                on_skip: Callable[[str], None]) -> Data:
-    """This rank's train micro-batches from `position`, and the val data every eval reads from the start."""
+    """This rank's train micro-batches from where it stands (`start_position`), and the val data every eval
+    reads from the start."""
     shard_dir, loader, batch_size = cfg.data.shards.dir, cfg.data.loader, cfg.train.micro_batch_size
     train_shards, val_shards = split_shards(shard_dir, "train"), split_shards(shard_dir, "val")
     encoder = SampleEncoder(processor, cfg.data.prompt, cfg.model.max_length)
     question_only = SampleEncoder(processor, cfg.data.prompt, cfg.model.max_length, with_answer=False)
     pad_id = processor.tokenizer.pad_token_id
     rank, world = worker.rank, worker.world_size
+    position = start_position(state, sum(shard.count for shard in train_shards), worker)
 
     stream = ShardStream(train_shards, rank, world, seed=loader.seed, shuffle_buffer=loader.shuffle_buffer,
                          start=position.window, transform=encoder, shares=position.shares)
@@ -211,15 +221,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
     cfg = Config.model_validate(loop_config["config"])
     worker = setup_worker(cfg)
     progress = Progress(loop_config.get("progress"), worker.rank)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and loop_config.get("resume_from"):
-        checkpoint = ray.train.Checkpoint(loop_config["resume_from"])
 
     # Everything that can fail for a reason the user must fix, before the first collective operation.
-    error = model = processor = None
+    error = model = processor = resume = None
     try:
-        if checkpoint is not None:
-            check_resumable(checkpoint, worker.world_size)
+        resume = choose_checkpoint(cfg, ray.train.get_checkpoint(), loop_config.get("resume_from"),
+                                   warn=progress.warn_once)
         shard_dir = cfg.data.shards.dir
         shards = split_shards(shard_dir, "train") + split_shards(shard_dir, "val")
         verify_shards(shards[worker.rank :: worker.world_size])  # each rank checks a disjoint share
@@ -233,15 +240,21 @@ def train_loop_per_worker(loop_config: dict) -> None:
         return
 
     flops = FlopCounter.for_model(model)
-    engine = build_engine(model, cfg.train, worker.world_size, worker.on_gpu)
-    state = restore(engine, checkpoint, worker.rank) if checkpoint else LoopState()
+    engine = build_engine(model, cfg.train, worker.world_size, worker.on_gpu,
+                          load_universal=loads_universal(resume, worker.world_size, cfg.train.zero_stage))
+    try:
+        state = restore(engine, resume, cfg, worker.rank, worker.world_size)
+    except CheckpointError as e:  # raised on every rank alike
+        progress.fail(str(e))
+        return
     tracker = Tracker(cfg.tracking, tracking_dir(cfg), cfg.cluster.run_name, cfg.model_dump(mode="json"),
-                      run_id=state.wandb_run_id, active=worker.rank == 0)
+                      run_id=state.wandb_run_id, active=worker.rank == 0, attempt=state.attempt,
+                      start_step=state.step, warn=progress.warn_once)
     state.wandb_run_id = tracker.run_id
     if worker.rank == 0:
         log.info("trainable parameters: %s", trainable_parameter_summary(engine.module))
-        log.info("%s from step %d", "resuming" if checkpoint else "starting", state.step)
-    data = setup_data(cfg, processor, worker, state.position, long_from=model.config.original_max_position_embeddings,
+        log.info("%s from step %d", "resuming" if resume else "starting", state.step)
+    data = setup_data(cfg, processor, worker, state, long_from=model.config.original_max_position_embeddings,
                       on_skip=progress.warn)
     progress.start(state.step, cfg.train.max_steps)
 
@@ -250,8 +263,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     last_eval = evaluate(engine, processor, data, cfg, worker, tracker, state.step) if state.step == 0 else {}
     if last_eval:
         progress.evaluated(state.step, last_eval)
-    if state.rng is not None:
-        set_rng_state(state.rng)
+    resume_rng(state, cfg.train.seed, worker.rank)
     throughput = Throughput(worker.device, worker.world_size)
     losses: list[torch.Tensor] = []
     engine.train()
@@ -277,7 +289,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
         if checkpoint_due:
             data.train.forget_epochs_before(all_min(data.train.position.window[0], worker.device))
             state.position = data.train.position
-            save_and_report(engine, cfg, state, {"step": state.step, **last_eval}, worker.rank, worker.world_size)
+            try:
+                save_and_report(engine, cfg, state, {"step": state.step, **last_eval}, worker.rank, worker.world_size)
+            except CheckpointError as e:  # the adapter check: raised on every rank alike
+                progress.fail(str(e))
+                tracker.finish()
+                return
             progress.saved(state.step)
             throughput.reset()
     tracker.finish()

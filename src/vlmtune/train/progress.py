@@ -55,6 +55,10 @@ class Progress:
     def warn(self, message: str) -> None:
         self.post("warning", everyone=True, message=message)
 
+    def warn_once(self, message: str) -> None:
+        """A warning about the run as a whole, which every rank comes to alike: posted by rank 0 only."""
+        self.post("warning", message=message)
+
     def fail(self, message: str) -> None:
         """The run cannot go on (an expected failure every rank agreed on): waits until the driver has it."""
         if self.board is not None and self.rank == 0:
