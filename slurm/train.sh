@@ -15,6 +15,15 @@
 # the resolved config and the export land in <storage_path>/<run_name>/. Submitting again with the same
 # run_name and storage_path resumes from the latest checkpoint.
 #
+# Preemption and time limits: 120 s before the time limit Slurm sends SIGTERM to this script
+# (--signal=B:TERM@120; `scancel --batch --signal=TERM JOB` does the same at any time). The driver saves a
+# checkpoint after the step in progress and exits 75, and the job requeues itself (--requeue; the log keeps
+# every attempt, --open-mode=append) and resumes from that checkpoint. A preemption that requeues the job
+# (PreemptMode=REQUEUE) or a failed node restarts it from the latest complete checkpoint too. Use
+# --signal=B:TERM@<s> with <s> longer than a step plus a checkpoint save. A plain `scancel --signal=TERM`
+# (without --batch) also reaches Ray's own processes, which stop at once: the run then resumes from its
+# last scheduled checkpoint.
+#
 # Software on the nodes (see slurm/ray-cluster.sh for every knob):
 #   venv:      VLMTUNE_VENV=/shared/venvs/vlmtune sbatch slurm/train.sh ...
 #   pyxis:     VLMTUNE_CONTAINER_IMAGE=/shared/images/vlmtune.sqsh \
@@ -35,6 +44,8 @@
 #SBATCH --time=24:00:00
 #SBATCH --output=slurm-%x-%j.out
 #SBATCH --signal=B:TERM@120
+#SBATCH --requeue
+#SBATCH --open-mode=append
 
 set -euo pipefail
 

@@ -47,6 +47,9 @@ SCRIPT = textwrap.dedent("""
         console.say("the result")
         if os.environ.get("BUG"):
             raise RuntimeError("a bug")
+        if os.environ.get("STOPPED"):
+            from vlmtune.errors import Stopped
+            raise Stopped("training stopped at step 7 on SIGTERM")
         return 0
 
     parser = job_parser(None, config=False)
@@ -80,3 +83,11 @@ def test_a_bug_keeps_its_traceback_and_exits_1(tmp_path):
     done = run(str(script), str(tmp_path / "logs"), env={"BUG": "1"})
     assert done.returncode == 1
     assert "Traceback" in done.stderr and "RuntimeError: a bug" in done.stderr
+
+
+def test_a_run_stopped_on_request_exits_75_for_launchers_that_retry(tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(SCRIPT)
+    done = run(str(script), str(tmp_path / "logs"), env={"STOPPED": "1"})
+    assert done.returncode == 75  # EX_TEMPFAIL: Slurm's requeue in slurm/train.sh, KubeRay's backoffLimit
+    assert "error: training stopped at step 7 on SIGTERM" in done.stderr and "Traceback" not in done.stderr

@@ -2,7 +2,8 @@
 
 A job is `run_job(name, parser, main)`: `main(args)` does the work and returns the exit code. Expected
 failures (`VlmtuneError`: bad config, missing or altered shards, unreadable catalog, unreachable model,
-…) print one line, `error: …`, and exit 2; anything else is a bug and keeps its traceback (exit 1).
+…) print one line, `error: …`, and exit 2 (75 for a run stopped by SIGTERM after its checkpoint, see
+`errors.Stopped`); anything else is a bug and keeps its traceback (exit 1).
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def run_job(name: str, parser: argparse.ArgumentParser, main: Callable[[argparse
         return main(args)
     except VlmtuneError as e:
         console.error(f"error: {e}")
-        return 2
+        return e.exit_code
     except KeyboardInterrupt:
         console.error("interrupted")
         return 130

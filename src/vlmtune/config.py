@@ -175,7 +175,8 @@ class TrainConfig(_Section):
     seed: int = 0
     max_steps: int = Field(100, ge=1, description="optimizer steps")
     micro_batch_size: int = Field(2, ge=1, description="samples per worker per forward pass")
-    grad_accum_steps: int = Field(1, ge=1)
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step at the largest worker "
+                                  "count; an elastic run on fewer workers accumulates more (see train.loop)")
     lr: float = Field(2e-4, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="cosine floor as a fraction of lr")
     warmup_steps: int = Field(10, ge=0)
@@ -196,15 +197,38 @@ class TrainConfig(_Section):
 class ClusterConfig(_Section):
     """Ray Train scaling and run storage (RAY_ADDRESS, if set, picks the cluster)."""
 
-    num_workers: int = Field(2, ge=1)
+    num_workers: int | tuple[int, int] = Field(
+        2, description="Ray Train workers (one per GPU), or [min, max] for an elastic run: it starts once min fit, "
+        "grows up to max as nodes join and continues on fewer (from the last checkpoint) when nodes leave")
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, gt=0)
     storage_path: str = "outputs/runs"
     run_name: str = "vlmtune"
     max_failures: int = Field(0, ge=-1, description="restarts from the latest checkpoint (-1 = unlimited)")
-    keep_checkpoints: int = Field(2, ge=1)
+    keep_checkpoints: int = Field(2, ge=2, description="newest checkpoints kept; at least 2, so a resume can fall "
+                                  "back to the one before when the newest was not completed")
     resume_from: str | None = Field(None, description="checkpoint directory to start a new run from")
+    resize_interval_s: float = Field(60.0, ge=0, description="elastic runs: how often Ray considers growing the "
+                                     "worker group when more workers would fit")
+
+    @model_validator(mode="after")
+    def _check_workers(self) -> ClusterConfig:
+        low, high = self.worker_range
+        if low < 1 or low > high:
+            raise ValueError(f"num_workers: {list(self.worker_range)} is not a worker count or a [min, max] range "
+                             "with 1 <= min <= max")
+        return self
+
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) workers; equal for a fixed-size run."""
+        n = self.num_workers
+        return (n, n) if isinstance(n, int) else n
+
+    @property
+    def elastic(self) -> bool:
+        return self.worker_range[0] != self.worker_range[1]
 
 
 class TrackingConfig(_Section):

@@ -12,6 +12,8 @@ from __future__ import annotations
 class VlmtuneError(Exception):
     """A problem with the input or the environment, phrased for the person who can fix it."""
 
+    exit_code = 2
+
 
 class ConfigError(VlmtuneError, ValueError):
     """The configuration is invalid (file, key and closest valid key in the message)."""
@@ -35,3 +37,12 @@ class CheckpointError(VlmtuneError):
 
 class PreflightError(VlmtuneError, ValueError):
     """The run cannot work as configured; found before any Ray Train worker starts."""
+
+
+class Stopped(VlmtuneError):
+    """Training stopped on request (SIGTERM: a preemption notice, a time limit) after saving a checkpoint.
+
+    Exit code 75 (EX_TEMPFAIL, "try again later"): a launcher that retries (Slurm requeue, KubeRay's backoffLimit)
+    runs the job again, and the run resumes from that checkpoint."""
+
+    exit_code = 75

@@ -41,7 +41,7 @@ class Tracker:
     from (its W&B run, `run_id`, is rewound there); `warn` says what the console should show."""
 
     def __init__(self, cfg: TrackingConfig, directory: str, run_name: str, config: dict, run_id: str | None = None,
-                 active: bool = True, attempt: str = "", start_step: int = 0,
+                 active: bool = True, attempt: str = "", start_step: int = 0, workers: int = 1,
                  warn: Callable[[str], None] = log.warning):
         self.active = active
         self.dir = Path(directory)
@@ -52,7 +52,7 @@ class Tracker:
             return
         self.dir.mkdir(parents=True, exist_ok=True)
         self.metrics_file = (self.dir / "metrics.jsonl").open("a")
-        self._write({"attempt": attempt, "start_step": start_step})
+        self._write({"attempt": attempt, "start_step": start_step, "workers": workers})
         if cfg.mode == "disabled":
             return
         import wandb

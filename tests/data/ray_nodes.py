@@ -57,13 +57,24 @@ class TwoNodeCluster:
                                                stderr=subprocess.STDOUT, start_new_session=True))
         return self
 
-    def wait(self) -> None:
-        """Return once both nodes have joined the cluster."""
-        joined = subprocess.run([sys.executable, "-c", WAIT_FOR_NODES, self.env["RAY_ADDRESS"], "2"], env=self.env,
-                                capture_output=True, text=True, timeout=180)
+    def wait(self, nodes: int = 2) -> None:
+        """Return once `nodes` nodes are alive in the cluster."""
+        joined = subprocess.run([sys.executable, "-c", WAIT_FOR_NODES, self.env["RAY_ADDRESS"], str(nodes)],
+                                env=self.env, capture_output=True, text=True, timeout=180)
         if joined.returncode:
             logs = "\n".join(log.read_text()[-1500:] for log in self.logs.values())
             raise RuntimeError(f"{joined.stderr[-1000:]}\n{logs}")
+
+    def kill_worker_node(self) -> None:
+        """SIGKILL the worker node and everything it runs, as when a host is lost."""
+        worker = self.procs.pop()
+        os.killpg(worker.pid, signal.SIGKILL)
+        worker.wait()
+
+    def start_worker_node(self) -> None:
+        """A worker node (again): a replacement host joining the cluster."""
+        self.procs.append(subprocess.Popen(self.commands["worker"], env=self.env, stdout=self.logs["worker"].open("a"),
+                                           stderr=subprocess.STDOUT, start_new_session=True))
 
     def __exit__(self, *exc) -> None:
         """Kill both nodes' process groups outright: a graceful stop of a multi-node cluster waits ~30 s for

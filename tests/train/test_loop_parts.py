@@ -88,3 +88,20 @@ def test_throughput_reports_rates_since_the_last_snapshot(monkeypatch):
     assert "mfu" not in first and first["cpu_max_rss_gb"] > 0  # no known peak on a CPU
     meter.add(samples=2, tokens=10, image_tokens=0, positions=10, flops=0.0)
     assert meter.snapshot()["samples_per_s"] == 2 * 4 / 1  # only what came after the first snapshot
+
+
+@pytest.mark.parametrize(("workers", "world", "gas", "note"), [
+    (4, 4, 2, None),  # a fixed-size run: as configured
+    ((2, 4), 4, 2, None),  # elastic at its largest: as configured
+    ((2, 4), 2, 4, None),  # half the workers: twice the accumulation, the same global batch
+    ((3, 4), 3, 3, "global batch is 18 samples instead of 16"),  # 2 x 4 / 3 does not divide: the nearest
+])
+def test_an_elastic_run_on_fewer_workers_accumulates_more(workers, world, gas, note):
+    from vlmtune.config import Config
+    from vlmtune.train.loop import grad_accum_for
+
+    cfg = Config.model_validate({"cluster": {"num_workers": workers}, "train": {"grad_accum_steps": 2,
+                                                                              "micro_batch_size": 2}})
+    adapted, message = grad_accum_for(cfg, world)
+    assert adapted == gas
+    assert (message is None) if note is None else note in message

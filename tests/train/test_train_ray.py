@@ -20,7 +20,7 @@ from tests.wandb_records import branch_point, history, run_files, run_id
 from vlmtune import runs, storage
 from vlmtune.config import load_config
 from vlmtune.console import console
-from vlmtune.errors import VlmtuneError
+from vlmtune.errors import Stopped, VlmtuneError
 from vlmtune.launch.ray import train
 from vlmtune.models.loading import load
 from vlmtune.tracking import read_metrics
@@ -181,6 +181,36 @@ def test_killed_worker_restarts_from_the_last_checkpoint(shards, tmp_path):
     assert len(starts) == 2, "the worker was not restarted"
     assert starts[1] > 0, "the restart began from scratch instead of a checkpoint"
     assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, 41))  # each step once
+
+
+def test_sigterm_checkpoints_at_the_next_step_and_the_rerun_resumes_there(shards, tmp_path):
+    """SIGTERM to the driver (here: this process, which runs it) is what Slurm's --signal, scancel --signal and
+    a Kubernetes pod deletion send: the run saves a checkpoint after the step in progress and stops (exit code
+    75 in the job); the same command then resumes from it and logs each step once."""
+    cfg = config(shards, tmp_path, "preempted", "train.zero_stage=2", "model.lora.enabled=true",
+                 "train.max_steps=30", "train.checkpoint_every=100", "export.enabled=false", "train.table_samples=0")
+    run = tmp_path / "runs" / "preempted"
+
+    def sigterm_after_step_3() -> None:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (
+                (run / "metrics.jsonl").exists() and any(r["step"] >= 3 for r in read_metrics(run) if "loss" in r)):
+            time.sleep(0.1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGTERM)
+    threading.Thread(target=sigterm_after_step_3, daemon=True).start()
+    with pytest.raises(Stopped, match=r"training stopped at step \d+ on SIGTERM") as stopped:
+        train(cfg)
+    step = int(re.search(r"step (\d+)", str(stopped.value))[1])
+    assert 3 <= step < 30
+    assert runs.incomplete_reason(run / runs.checkpoint_name(step)) is None, sorted(p.name for p in run.iterdir())
+    assert signal.getsignal(signal.SIGTERM) is before  # the run's handler is gone with the run
+
+    train(cfg)
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["start_step"] for r in logged if "start_step" in r] == [0, step]
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, 31))
 
 
 def test_ray_job_submit_to_a_running_cluster(shards, tmp_path):

@@ -20,7 +20,7 @@ from ray.train.torch import TorchTrainer
 from vlmtune import runs, storage
 from vlmtune.config import Config
 from vlmtune.data.shards import load_manifest, split_shards, verify_shards
-from vlmtune.errors import ModelError, PreflightError, VlmtuneError
+from vlmtune.errors import ModelError, PreflightError, Stopped, VlmtuneError
 from vlmtune.export import export_checkpoint
 from vlmtune.train.loop import train_loop_per_worker
 from vlmtune.train.progress import ProgressBoard, ProgressView
@@ -33,14 +33,16 @@ def preflight(cfg: Config) -> None:
     manifest = load_manifest(shard_dir)
     train, val = split_shards(shard_dir, "train", manifest), split_shards(shard_dir, "val", manifest)
     verify_shards(train + val, checksum=False)  # existence and sizes here; checksums in the workers
-    world = cfg.cluster.num_workers
+    world = cfg.cluster.worker_range[1]
     if world > len(train):
         raise PreflightError(
-            f"cluster.num_workers={world} but the train split of {shard_dir} has only {len(train)} shard(s): every "
-            "worker needs at least one shard to read; prepare again with a smaller data.shards.samples_per_shard")
+            f"cluster.num_workers={cfg.cluster.num_workers} but the train split of {shard_dir} has only "
+            f"{len(train)} shard(s): every worker needs at least one shard to read; prepare again with a smaller "
+            "data.shards.samples_per_shard")
     val_samples = sum(s.count for s in val)
     if world > val_samples:
-        raise PreflightError(f"cluster.num_workers={world} but the val split has only {val_samples} samples")
+        raise PreflightError(f"cluster.num_workers={cfg.cluster.num_workers} but the val split has only "
+                             f"{val_samples} samples")
     if cfg.model.lora.quantize_4bit and not cfg.cluster.use_gpu:
         raise PreflightError("model.lora.quantize_4bit (QLoRA) needs GPUs: set cluster.use_gpu=true")
     if cfg.model.lora.enabled:
@@ -80,14 +82,15 @@ def build_trainer(cfg: Config, board=None) -> TorchTrainer:
         train_loop_config={"config": resolved.model_dump(mode="json"), "resume_from": cluster.resume_from,
                            "progress": board},
         scaling_config=ray.train.ScalingConfig(num_workers=cluster.num_workers, use_gpu=cluster.use_gpu,
-                                               resources_per_worker=resources),
+                                               resources_per_worker=resources,
+                                               elastic_resize_monitor_interval_s=cluster.resize_interval_s),
         run_config=ray.train.RunConfig(
             name=cluster.run_name,
             storage_path=resolved.cluster.storage_path,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cluster.keep_checkpoints,
-                                                         checkpoint_score_attribute="eval_loss",
-                                                         checkpoint_score_order="min"),
-            failure_config=ray.train.FailureConfig(max_failures=cluster.max_failures),
+            # the newest checkpoints are kept: a restart resumes from the latest one
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cluster.keep_checkpoints),
+            # node preemptions (drains) are retried without limit, apart from max_failures
+            failure_config=ray.train.FailureConfig(max_failures=cluster.max_failures, max_preemption_failures=-1),
         ),
     )
 
@@ -121,6 +124,9 @@ def train(cfg: Config) -> dict:
         raise VlmtuneError(view.failure)
     if result.error:
         raise result.error
+    if view.stopped_at is not None:
+        raise Stopped(f"training stopped at step {view.stopped_at} on SIGTERM, after saving "
+                      f"{result.checkpoint.path}: run the same command again to resume from there")
     outputs = {"run": runs.run_dir(cfg), "checkpoint": result.checkpoint.path, "metrics": result.metrics}
     if cfg.export.enabled:
         outputs["export"] = ray.get(_export_task.remote(result.checkpoint, runs.export_dir(cfg)))

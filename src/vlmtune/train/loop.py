@@ -6,8 +6,10 @@
     restore           the latest checkpoint: engine, data position, RNG states, W&B run id
     setup_data        this rank's shard stream → micro-batches; the val batches every eval reuses
     evaluate          val loss and generated answers, scored like the evaluate job
-    train_step        one optimizer step over `grad_accum_steps` micro-batches
-    save_checkpoint   every rank's part, through ray.train.report
+    train_step        one optimizer step over `grad_accum_steps` micro-batches; the ranks also agree on
+                      whether the driver asked them to stop (SIGTERM)
+    save_and_report   every rank's part of a checkpoint, through ray.train.report: every
+                      `checkpoint_every` steps, at the end, and before stopping on request
 
 Expected failures (`VlmtuneError`: altered shards, unreachable model, a checkpoint that does not fit) can
 only happen before the first collective operation; every rank checks, the ranks agree, and the run ends
@@ -64,12 +66,41 @@ class Data:
     table_samples: Callable[[], list[dict]]  # question-only val samples for generated answers
 
 
+@dataclass(frozen=True)
+class Requests:
+    """What rank 0 was asked between steps, for every rank; agreed through the next step's all_reduce.
+
+    (Ray Train's `get_preemption_info` would add node drains, but it is a barrier of its own over all
+    workers: a worker that dies meanwhile leaves the others in it, and the restart of the run fails.)"""
+
+    stop: bool = False  # the driver got SIGTERM: checkpoint, then stop
+
+    def as_list(self) -> list[float]:
+        return [float(self.stop)]
+
+
 def setup_worker(cfg: Config) -> Worker:
     ctx = ray.train.get_context()
     random.seed(cfg.train.seed)
     np.random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     return Worker(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
+
+
+def grad_accum_for(cfg: Config, world_size: int) -> tuple[int, str | None]:
+    """Gradient accumulation on `world_size` workers: `train.grad_accum_steps` is meant for the largest worker
+    count, so an elastic run on fewer workers accumulates more and keeps the global batch. When the
+    product does not divide, the nearest global batch is used; the second value then says so."""
+    gas, most = cfg.train.grad_accum_steps, cfg.cluster.worker_range[1]
+    if world_size == most:
+        return gas, None
+    adapted = max(1, round(gas * most / world_size))
+    if adapted * world_size == gas * most:
+        return adapted, None
+    micro = cfg.train.micro_batch_size
+    return adapted, (f"on {world_size} workers the global batch is {adapted * world_size * micro} samples instead "
+                     f"of {gas * most * micro} (grad_accum_steps {adapted}: {gas} x {most} workers is not a multiple "
+                     f"of {world_size})")
 
 
 def agree_on_failure(error: VlmtuneError | None, worker: Worker) -> str | None:
@@ -177,20 +208,24 @@ def evaluate(engine, processor, data: Data, cfg: Config, worker: Worker, tracker
 
 
 def train_step(engine, batches: Iterator[MicroBatch], cfg: Config, worker: Worker, flops: FlopCounter,
-               throughput: Throughput) -> torch.Tensor:
-    """One optimizer step over `grad_accum_steps` micro-batches; returns the step's loss (this rank's share).
+               throughput: Throughput, requests: Requests = Requests()) -> tuple[torch.Tensor, Requests]:
+    """One optimizer step over `grad_accum_steps` micro-batches; returns the step's loss (this rank's share)
+    and the requests every rank agreed on.
 
     The loss is the mean over every answer token of the global batch, however the batch is split into
     micro-batches and ranks: the step's answer tokens are counted on the host and summed over ranks first,
     then each micro-batch's loss is its token-loss sum divided by that count. DeepSpeed divides each
     micro-batch's loss by the accumulation steps and averages gradients over ranks, so the divisor handed to
-    the model is the global count / (world size × accumulation steps).
+    the model is the global count / (world size × accumulation steps). Rank 0's `requests` ride along in
+    the same all_reduce.
     """
     gas = cfg.train.grad_accum_steps
     micro = [next(batches) for _ in range(gas)]
-    answer_tokens = torch.tensor(float(sum(m.answer_tokens for m in micro)), device=worker.device)
-    dist.all_reduce(answer_tokens)
-    divisor = answer_tokens / (worker.world_size * gas)
+    counts = torch.tensor([float(sum(m.answer_tokens for m in micro)), *requests.as_list()], dtype=torch.float64,
+                          device=worker.device)
+    dist.all_reduce(counts)
+    agreed = Requests(*(bool(flag) for flag in counts[1:].tolist()))
+    divisor = (counts[0] / (worker.world_size * gas)).float()
     loss = torch.zeros((), device=worker.device)
     for m in micro:
         throughput.add(len(m.ids), m.tokens, m.image_tokens, m.positions,
@@ -198,7 +233,14 @@ def train_step(engine, batches: Iterator[MicroBatch], cfg: Config, worker: Worke
         out = engine(**to_device(m.inputs, worker.device), num_items_in_batch=divisor)
         loss += engine.backward(out.loss).detach()  # the loss / gas; kept on the device (no sync per step)
         engine.step()
-    return loss
+    return loss, agreed
+
+
+def checkpoint_position(data: Data, worker: Worker) -> DataPosition:
+    """Collective: this rank's data position for a checkpoint. Epochs every rank has moved past are dropped
+    from the consumption record first (it only matters for a resume on another number of workers)."""
+    data.train.forget_epochs_before(all_min(data.train.position.window[0], worker.device))
+    return data.train.position
 
 
 def step_metrics(engine, losses: list[torch.Tensor], batches: MicroBatches, throughput: Throughput,
@@ -221,6 +263,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     cfg = Config.model_validate(loop_config["config"])
     worker = setup_worker(cfg)
     progress = Progress(loop_config.get("progress"), worker.rank)
+    gas, batch_note = grad_accum_for(cfg, worker.world_size)
+    cfg.train.grad_accum_steps = gas
 
     # Everything that can fail for a reason the user must fix, before the first collective operation.
     error = model = processor = resume = None
@@ -249,11 +293,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         return
     tracker = Tracker(cfg.tracking, tracking_dir(cfg), cfg.cluster.run_name, cfg.model_dump(mode="json"),
                       run_id=state.wandb_run_id, active=worker.rank == 0, attempt=state.attempt,
-                      start_step=state.step, warn=progress.warn_once)
+                      start_step=state.step, workers=worker.world_size, warn=progress.warn_once)
     state.wandb_run_id = tracker.run_id
     if worker.rank == 0:
         log.info("trainable parameters: %s", trainable_parameter_summary(engine.module))
-        log.info("%s from step %d", "resuming" if resume else "starting", state.step)
+        log.info("%s from step %d on %d workers", "resuming" if resume else "starting", state.step, worker.world_size)
+    if batch_note:
+        progress.warn_once(batch_note)
     data = setup_data(cfg, processor, worker, state, long_from=model.config.original_max_position_embeddings,
                       on_skip=progress.warn)
     progress.start(state.step, cfg.train.max_steps)
@@ -268,7 +314,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     losses: list[torch.Tensor] = []
     engine.train()
     while state.step < cfg.train.max_steps:
-        losses.append(train_step(engine, data.train, cfg, worker, flops, throughput))
+        loss, requests = train_step(engine, data.train, cfg, worker, flops, throughput,
+                                    Requests(stop=progress.stopping()))
+        losses.append(loss)
         state.step += 1
         last_step = state.step == cfg.train.max_steps
 
@@ -280,15 +328,14 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if worker.rank == 0:
                 log.info("step %d %s", state.step, {k: round(v, 5) for k, v in metrics.items()})
 
-        checkpoint_due = state.step % cfg.train.checkpoint_every == 0 or last_step
+        checkpoint_due = state.step % cfg.train.checkpoint_every == 0 or last_step or requests.stop
         eval_due = (cfg.train.eval_every and state.step % cfg.train.eval_every == 0) or last_step
-        if eval_due or (checkpoint_due and not last_eval):
+        if eval_due and not requests.stop:
             last_eval = evaluate(engine, processor, data, cfg, worker, tracker, state.step)
             progress.evaluated(state.step, last_eval)
             throughput.reset()  # eval time is not training throughput
         if checkpoint_due:
-            data.train.forget_epochs_before(all_min(data.train.position.window[0], worker.device))
-            state.position = data.train.position
+            state.position = checkpoint_position(data, worker)
             try:
                 save_and_report(engine, cfg, state, {"step": state.step, **last_eval}, worker.rank, worker.world_size)
             except CheckpointError as e:  # the adapter check: raised on every rank alike
@@ -297,4 +344,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 return
             progress.saved(state.step)
             throughput.reset()
+        if requests.stop:
+            progress.stopped(state.step)
+            break
     tracker.finish()

@@ -1,14 +1,20 @@
-"""Training progress from the workers to the driver's console.
+"""Training progress from the workers to the driver's console, and stop requests back to the workers.
 
 Ray forwards every line a worker prints to the driver, where it lands in the job's log file. What a person
 follows instead is one progress bar and a line per eval, per checkpoint and per warning: the workers post
 these as small events to a `ProgressBoard` actor, and the driver polls it while `fit()` runs. An expected
 failure (a `VlmtuneError` the ranks agreed on) travels the same way, so the driver can raise it as such.
+
+The other direction: SIGTERM to the driver (a preemption notice, a Slurm time limit, a pod deletion) sets a
+flag on the board; rank 0 reads it between steps and the ranks agree on it through the step's all_reduce
+(train/loop.py), save a checkpoint and stop.
 """
 
 from __future__ import annotations
 
+import signal
 import threading
+import time
 
 import ray
 
@@ -21,9 +27,16 @@ class ProgressBoard:
 
     def __init__(self) -> None:
         self.events: list[tuple[str, dict]] = []
+        self.stop = False
 
     def post(self, kind: str, data: dict) -> None:
         self.events.append((kind, data))
+
+    def request_stop(self) -> None:
+        self.stop = True
+
+    def stop_requested(self) -> bool:
+        return self.stop
 
     def take(self) -> list[tuple[str, dict]]:
         events, self.events = self.events, []
@@ -33,8 +46,10 @@ class ProgressBoard:
 class Progress:
     """Worker side: fire-and-forget posts (nothing when the driver gave no board)."""
 
-    def __init__(self, board, rank: int):
-        self.board, self.rank = board, rank
+    def __init__(self, board, rank: int, poll_s: float = 1.0):
+        self.board, self.rank, self.poll_s = board, rank, poll_s
+        self.last_poll = 0.0
+        self.stop = False
 
     def post(self, kind: str, everyone: bool = False, **data) -> None:
         if self.board is not None and (everyone or self.rank == 0):
@@ -59,6 +74,18 @@ class Progress:
         """A warning about the run as a whole, which every rank comes to alike: posted by rank 0 only."""
         self.post("warning", message=message)
 
+    def stopping(self) -> bool:
+        """Rank 0: whether the driver asked the run to stop (asks the board at most once per `poll_s`)."""
+        if self.board is None or self.rank != 0 or self.stop:
+            return self.stop
+        if time.monotonic() - self.last_poll >= self.poll_s:
+            self.last_poll = time.monotonic()
+            self.stop = ray.get(self.board.stop_requested.remote())
+        return self.stop
+
+    def stopped(self, step: int) -> None:
+        self.post("stopped", step=step)
+
     def fail(self, message: str) -> None:
         """The run cannot go on (an expected failure every rank agreed on): waits until the driver has it."""
         if self.board is not None and self.rank == 0:
@@ -76,28 +103,46 @@ def describe_eval(step: int, metrics: dict) -> str:
 
 
 class ProgressView:
-    """Driver side: polls the board in a thread and draws a bar plus one line per event worth a line."""
+    """Driver side: polls the board in a thread and draws a bar plus one line per event worth a line; while it
+    is open, SIGTERM asks the workers to checkpoint and stop (a second SIGTERM acts as usual)."""
 
     def __init__(self, board, poll_s: float = 0.5):
         self.board, self.poll_s = board, poll_s
         self.bar = None
         self.failure: str | None = None  # an expected failure a worker reported
-        self.stopped = threading.Event()
+        self.stopped_at: int | None = None  # the step the run stopped at on request
+        self.done = threading.Event()
+        self.sigterm = threading.Event()
+        self.previous_handler = None
         self.thread = threading.Thread(target=self._run, name="vlmtune-progress", daemon=True)
 
     def __enter__(self) -> ProgressView:
+        if threading.current_thread() is threading.main_thread():
+            self.previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
         self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.stopped.set()
+        if self.previous_handler is not None:
+            signal.signal(signal.SIGTERM, self.previous_handler)
+        self.done.set()
         self.thread.join(timeout=10)
         self._show(ray.get(self.board.take.remote()))
         if self.bar is not None:
             self.bar.close()
 
+    def _on_sigterm(self, signum, frame) -> None:
+        self.sigterm.set()  # the polling thread tells the board: no Ray calls inside a signal handler
+        signal.signal(signal.SIGTERM, self.previous_handler)
+
     def _run(self) -> None:
-        while not self.stopped.wait(self.poll_s):
+        asked = False
+        while not self.done.wait(self.poll_s):
+            if self.sigterm.is_set() and not asked:
+                asked = True
+                self.board.request_stop.remote()
+                console.note("SIGTERM: the workers save a checkpoint after their current step, then the run stops "
+                             "(another SIGTERM stops at once)")
             self._show(ray.get(self.board.take.remote()))
 
     def _show(self, events: list[tuple[str, dict]]) -> None:
@@ -118,5 +163,7 @@ class ProgressView:
                 console.note(f"step {data['step']}: checkpoint saved")
             elif kind == "warning":
                 console.note(f"warning: {data['message']}")
+            elif kind == "stopped":
+                self.stopped_at = data["step"]
             elif kind == "failed":
                 self.failure = data["message"]
