@@ -50,3 +50,18 @@ def test_no_complete_checkpoint_starts_from_scratch_and_says_so(cfg, tmp_path):
 def test_resume_from_a_directory_that_does_not_exist_is_an_error(cfg, tmp_path):
     with pytest.raises(CheckpointError, match=r"cluster\.resume_from=.*nowhere: there is no checkpoint there"):
         choose_checkpoint(cfg, None, str(tmp_path / "nowhere"), print)
+
+
+def test_without_a_checkpoint_from_ray_the_runs_newest_complete_one_is_resumed(cfg, tmp_path):
+    """Ray Train hands over no checkpoint, yet the run has complete ones: they win over cluster.resume_from."""
+    run = tmp_path / "run"
+    fake_checkpoint(run, "checkpoint-0000002")
+    fake_checkpoint(run, "checkpoint-0000004")
+    fake_checkpoint(run, "checkpoint-0000006", complete=False)
+    other = tmp_path / "other"
+    fake_checkpoint(other, "checkpoint-0000010")
+    warnings: list[str] = []
+    resume = choose_checkpoint(cfg, None, str(other / "checkpoint-0000010"), warnings.append)
+    assert resume.url == str(run / "checkpoint-0000004") and resume.own_run
+    assert warnings == ["Ray Train handed over no checkpoint of this run: resuming from its newest complete one, "
+                        f"{run}/checkpoint-0000004"]

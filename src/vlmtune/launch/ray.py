@@ -15,6 +15,7 @@ import tempfile
 
 import ray
 import ray.train
+import ray.util.scheduling_strategies
 from ray.train.torch import TorchTrainer
 
 from vlmtune import runs, storage
@@ -117,7 +118,10 @@ def train(cfg: Config) -> dict:
     """Run (or resume) training; returns where the checkpoint, export and tracking files are."""
     preflight(cfg)
     connect()
-    board = ProgressBoard.remote()
+    # on the driver's node, like Ray Train's controller: a worker node that goes away must not take it along
+    here = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                          soft=False)
+    board = ProgressBoard.options(scheduling_strategy=here).remote()
     with ProgressView(board) as view:
         result = build_trainer(cfg, board).fit()
     if view.failure:

@@ -97,13 +97,19 @@ def choose_checkpoint(cfg: Config, reported: ray.train.Checkpoint | None, resume
                       warn: Callable[[str], None]) -> Resume | None:
     """The complete checkpoint to resume from (None: start from scratch).
 
-    That is the checkpoint Ray Train reported last (a restarted worker group, a rerun of the run), else
-    `cluster.resume_from`. When that one is incomplete, the newest complete one up to its step in the same
-    directory takes its place, and `warn` says so.
+    That is the checkpoint Ray Train reported last (a restarted worker group, a rerun of the run), else the
+    newest complete one in the run's directory (Ray Train can lose track of its checkpoints: seen when an
+    elastic run's restart first waited in vain for a lost node), else `cluster.resume_from`. When the one
+    wanted is incomplete, the newest complete one up to its step in the same directory takes its place, and
+    `warn` says so.
     """
     run = runs.run_dir(cfg)
+    own = runs.complete_checkpoints(run) if reported is None else []
     if reported is not None:  # always in this run's directory; Ray's path has no scheme or query
         wanted = storage.join(run, PurePosixPath(reported.path).name)
+    elif own:
+        warn(f"Ray Train handed over no checkpoint of this run: resuming from its newest complete one, {own[0]}")
+        wanted = own[0]
     elif resume_from:
         wanted = storage.resolve(resume_from)
     else:
