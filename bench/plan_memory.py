@@ -3,7 +3,8 @@ each gloo rank really grew by while it built the model and the DeepSpeed engine 
 
     python bench/plan_memory.py [--steps 2] [--only tiny|small] [--glibc]
 
-Two models, each for ZeRO 0, 2 and 3 on 1 and 2 ranks (forked processes, one thread each, no Ray):
+Two models, each for ZeRO 0 on 1 rank and ZeRO 2 and 3 on 1 and 2 ranks (forked processes, one thread
+each, no Ray):
 tiny   tiny-phi3v (165k parameters) with a 16 x 1023-token micro-batch: activations are nearly everything.
 small  the tiny architecture widened to ~13M parameters (hidden 512, 4 layers, 16 heads), random weights, a
        2 x 511-token micro-batch: weights, gradients and Adam states are about half, so ZeRO's sharding shows.
@@ -150,7 +151,7 @@ def main() -> None:
                 continue
             extra = [f"model.name_or_path={small_model_dir(Path(tmp))}"] if name == "small" else []
             for zero in (0, 2, 3):
-                for world in (1, 2):
+                for world in (1, 2) if zero else (1,):  # ZeRO-0 shards nothing: 2 ranks hold what 1 holds
                     cfg = load_config(None, [*COMMON, *overrides, *extra, f"train.zero_stage={zero}",
                                              f"cluster.num_workers={world}"])
                     _, processor = prepare_model(cfg.model, torch.float32, random_init=True, device="meta")

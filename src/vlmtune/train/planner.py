@@ -167,14 +167,17 @@ class TypicalSample:
     tokens: int
     image_sizes: torch.Tensor
     num_crops: int
+    stand_in_tokenizer: bool = False  # text counted with the byte-level tokenizer (the real one is not cached)
 
     def describe(self) -> str:
+        note = " (text counted by the byte-level stand-in tokenizer: the model's own is not available offline and " \
+            "needs fewer)" if self.stand_in_tokenizer else ""
         return (f"{self.images} square image(s) at num_crops={self.num_crops} ({self.crops} CLIP crops): "
                 f"{self.image_tokens:,} image + {self.tokens - self.image_tokens:,} text tokens = "
-                f"{self.tokens:,} tokens")
+                f"{self.tokens:,} tokens{note}")
 
 
-def typical_sample(cfg: Config, processor) -> TypicalSample:
+def typical_sample(cfg: Config, processor, vocab_size: int | None = None) -> TypicalSample:
     """`TYPICAL_RECORD` with `max_per_product` square images, through the run's own `SampleEncoder`."""
     tile = processor.image_processor.tile_size
     images = [Image.new("RGB", (tile, tile), "white") for _ in range(cfg.data.images.max_per_product)]
@@ -182,8 +185,9 @@ def typical_sample(cfg: Config, processor) -> TypicalSample:
     out = encoder({"key": "typical", "meta": TYPICAL_RECORD, "images": images})
     sizes = out["image_sizes"]
     crops = int(((sizes[:, 0] // tile) * (sizes[:, 1] // tile) + 1).sum())
+    stand_in = vocab_size is not None and len(processor.tokenizer) < vocab_size // 2
     return TypicalSample(len(images), crops, out["image_tokens"], len(out["input_ids"]), sizes,
-                         processor.image_processor.num_crops)
+                         processor.image_processor.num_crops, stand_in)
 
 
 # ------------------------------------------------------------------------------------------- the plan
@@ -487,7 +491,7 @@ def plan(cfg: Config, device: str | None = None) -> Plan:
     threshold = deepspeed_config(cfg.train, 1, on_gpu=device == "gpu")["zero_optimization"].get(
         "stage3_param_persistence_threshold", 0)
     stats, processor = model_stats(cfg, threshold)
-    sample = typical_sample(cfg, processor)
+    sample = typical_sample(cfg, processor, stats.vocab)
     result = estimate(stats, sample, cfg, device)
     if result.fits is False:
         result = replace(result, suggestions=suggestions(stats, sample, cfg, device))
