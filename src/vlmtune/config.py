@@ -194,6 +194,10 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(50, ge=1)
 
 
+# The GPU types the planner knows (train/metrics.py GPU_SPECS holds their peak and memory; a test keeps both equal).
+GpuType = Literal["A100-40GB", "A100-80GB", "H100-SXM", "H100-PCIe", "H200", "L40S", "A10G", "L4"]
+
+
 class ClusterConfig(_Section):
     """Ray Train scaling and run storage (RAY_ADDRESS, if set, picks the cluster)."""
 
@@ -209,6 +213,12 @@ class ClusterConfig(_Section):
     keep_checkpoints: int = Field(2, ge=2, description="newest checkpoints kept; at least 2, so a resume can fall "
                                   "back to the one before when the newest was not completed")
     resume_from: str | None = Field(None, description="checkpoint directory to start a new run from")
+    gpu_type: GpuType | None = Field(None, description="the GPU every worker gets, for the memory and time plan "
+                                     "(jobs/train.py --plan; training checks it before launch when use_gpu)")
+    gpu_memory_gb: float | None = Field(None, gt=0, description="usable memory per GPU in GiB (default: the "
+                                        "gpu_type's, see train/metrics.py GPU_SPECS)")
+    assumed_mfu: float = Field(0.4, gt=0, le=1, description="model FLOPs utilisation the plan assumes for step "
+                               "time and GPU-hours")
     resize_interval_s: float = Field(60.0, ge=0, description="elastic runs: how often Ray considers growing the "
                                      "worker group when more workers would fit")
 

@@ -24,6 +24,7 @@ from vlmtune.data.shards import load_manifest, split_shards, verify_shards
 from vlmtune.errors import ModelError, PreflightError, Stopped, VlmtuneError
 from vlmtune.export import export_checkpoint
 from vlmtune.train.loop import train_loop_per_worker
+from vlmtune.train.planner import plan
 from vlmtune.train.progress import ProgressBoard, ProgressView
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,19 @@ def preflight(cfg: Config) -> None:
             raise PreflightError(f"model.lora: {e}") from None
     if cfg.train.bf16 and not cfg.cluster.use_gpu:
         log.warning("train.bf16 on CPU works but is slow; fp32 is the usual choice without GPUs")
+    if cfg.cluster.use_gpu:
+        check_memory(cfg)
+
+
+def check_memory(cfg: Config) -> None:
+    """A GPU run's per-worker memory plan against cluster.gpu_type / gpu_memory_gb (train/planner.py)."""
+    if cfg.cluster.gpu_type is None and cfg.cluster.gpu_memory_gb is None:
+        log.warning("cluster.gpu_type is not set: the memory plan is not checked before launch")
+        return
+    result = plan(cfg, "gpu")
+    log.info("%s", result.table())
+    if result.fits is False:
+        raise PreflightError(f"{result.refusal()}\n{result.table()}")
 
 
 def resolved_paths(cfg: Config) -> Config:

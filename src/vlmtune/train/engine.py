@@ -3,13 +3,15 @@
 The optimizer is PyTorch's AdamW (fused on CUDA) handed to DeepSpeed rather than named in the DeepSpeed
 config: that avoids compiling DeepSpeed's FusedAdam/CPUAdam ops at start-up and keeps one optimizer
 implementation on CPU and GPU. ZeRO-Offload is the exception, it needs DeepSpeed's CPU Adam.
+
+DeepSpeed is imported when an engine is built, not with this module: the planner (train/planner.py) reads the
+bucket sizes from `deepspeed_config` without loading DeepSpeed.
 """
 
 from __future__ import annotations
 
 import math
 
-import deepspeed
 import torch
 
 from vlmtune.config import TrainConfig
@@ -71,6 +73,8 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, world_size: int, on
                  load_universal: bool = False):
     """`deepspeed.initialize` with our optimizer and schedule, on the process group Ray Train created (NCCL on
     GPUs, gloo on CPUs); the engine steps the schedule itself."""
+    import deepspeed
+
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
     groups = parameter_groups(model, train.weight_decay)
     optimizer = None

@@ -19,9 +19,33 @@ import torch
 
 from vlmtune.models.loading import vision_tower
 
-# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets; matched on the device name.
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0,
-                    "A6000": 155.0, "V100": 125.0}
+# Dense bf16 tensor-core peaks (TFLOP/s) from the vendors' data sheets; matched on the device name (first match).
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0,
+                    "L4": 121.0, "A6000": 155.0, "V100": 125.0}
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    peak_bf16_tflops: float  # dense (no 2:4 sparsity)
+    memory_gib: float  # what the driver reports as total memory (nvidia-smi), in GiB
+
+
+# The GPU types of `cluster.gpu_type` (config.GpuType). Peaks are the data sheets' dense BF16 tensor figures (the
+# sheets print the 2:4-sparse figure, twice these, with an asterisk); memory is the card's total as the driver
+# reports it. Sources: NVIDIA A100 data sheet (nvidia-a100-datasheet-us-nvidia-1758950-r4), H100 data sheet
+# (SXM 989 / PCIe 756 TFLOPS, 80 GB), H200 product page (141 GB HBM3e, same compute as H100 SXM), L40S data sheet
+# (362 TFLOPS, 48 GB), A10 data sheet (125 TFLOPS, 24 GB; AWS's A10G is listed at the A10's figures here and
+# is likely slower, its clocks are lower), L4 data sheet (121 TFLOPS, 24 GB).
+GPU_SPECS: dict[str, GpuSpec] = {
+    "A100-40GB": GpuSpec(312.0, 40.0),
+    "A100-80GB": GpuSpec(312.0, 80.0),
+    "H100-SXM": GpuSpec(989.0, 79.6),
+    "H100-PCIe": GpuSpec(756.0, 79.6),
+    "H200": GpuSpec(989.0, 140.4),
+    "L40S": GpuSpec(362.0, 45.0),
+    "A10G": GpuSpec(125.0, 22.5),
+    "L4": GpuSpec(121.0, 22.5),
+}
 
 
 def peak_flops(device: torch.device) -> float | None:
