@@ -1,15 +1,15 @@
 """Training throughput by batching mode, and vlmtune's training path against a bare PyTorch loop, in one run.
 
-    python bench/train_step.py [--steps 30] [--rounds 2] [--micro-batch 8] [--modes pad length packed]
+    python bench/train_step.py [--steps 30] [--rounds 1] [--micro-batch 8] [--modes pad length packed]
 
 Data: shards of the synthetic sample catalog (data/sample.py: aspect ratios 0.6 to 1.6, titles of two to five
 words, 240 to 720 px photos), prepared once with the library's `prepare` under `--dir`.
 
-1. Batching at real size (no model). Every train sample encoded with Phi-3-vision-128k's image processor
-   settings at `num_crops=16` (336-px tiles, 144 tokens a crop: ~1,000 to ~2,600 tokens a sample, the
-   counts real training batches) and the byte-level tokenizer for the text; each mode's micro-batches planned by
-   `data/batching.plan_batches` over the same stream windows: padding share (pad positions / all positions)
-   and how full the token budget is.
+1. Batching at real size (no model). Each train sample's token count as Phi-3-vision-128k would see it: its
+   image slots from the official image processor settings at `num_crops=16` (336-px tiles, 144 tokens a
+   crop; no pixels are processed) plus its text tokens (byte-level tokenizer), ~2,000 to ~2,700 tokens a
+   sample. Each mode's micro-batches planned by `data/batching.plan_batches` window by window: padding share
+   (pad positions / all positions) and how full the token budget is.
 2. Timed steps, tiny model (`tiny-phi3v`, fp32, num_crops 16, ZeRO-2 on gloo, one thread), for each mode:
    bare:    the same micro-batches (`MicroBatches` on the same stream, collated beforehand and held in
             memory) through the model and torch AdamW: forward, backward, gradient clipping at
@@ -163,7 +163,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per run, warm-up interval included")
     parser.add_argument("--log-every", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=2, help="bare/vlmtune pairs per mode")
+    parser.add_argument("--rounds", type=int, default=1, help="bare/vlmtune pairs per mode")
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--samples", type=int, default=320)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))

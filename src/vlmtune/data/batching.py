@@ -151,10 +151,11 @@ class MicroBatches:
         if num_workers > 0:
             # DataLoader processes send TRANSFER_GROUP samples at a time with their tensors in one block per
             # dtype (`_to_block`): each shared-memory tensor costs the receiver about 1 ms (a file descriptor
-            # fetched from the sender, or a named file opened), 4 per sample, as much as a tiny model's step
-            # on 2 CPU cores. And they prefetch a whole window between them, so the next window is decoded
-            # while this one trains (the default, 2 fetches a process, left the training process waiting for
-            # nearly every sample of each window).
+            # fetched from the busy sender, or a named file opened), so 4 tensors a sample took ~30 ms of an
+            # 8-sample step, about half of a tiny model's step on 2 CPU cores. And they prefetch a whole
+            # window between them, so the next window is decoded while this one trains (the default, 2
+            # fetches a process, left the training process waiting for most samples of each window). A
+            # window of real-size samples at num_crops 16 holds ~23 MB of pixels a sample.
             stream.group = TRANSFER_GROUP
             fetches = -(-self.window_size // TRANSFER_GROUP)
             loader = torch.utils.data.DataLoader(stream, batch_size=TRANSFER_GROUP, num_workers=num_workers,
