@@ -37,16 +37,25 @@ import tempfile
 import time
 from pathlib import Path
 
-REQUIRED = ("torch", "transformers", "peft", "PIL", "pydantic", "yaml", "webdataset", "numpy")
+REQUIRED = ("torch", "transformers", "peft", "PIL", "pydantic", "yaml", "webdataset", "fsspec", "numpy")
+USED = ("vlmtune.config", "vlmtune.data.batching", "vlmtune.data.collate", "vlmtune.data.sample",
+        "vlmtune.models.loading", "vlmtune.train.metrics")
 
 
 def check_imports() -> None:
+    """Every package this script needs, named before anything runs (nothing is installed from here)."""
     missing = []
     for name in REQUIRED:
         try:
             importlib.import_module(name)
         except ImportError as e:
             missing.append(f"{name} ({e})")
+    if not missing:
+        for name in USED:  # what the library modules import beyond the list above
+            try:
+                importlib.import_module(name)
+            except ModuleNotFoundError as e:
+                missing.append(f"{e.name} (needed by {name})")
     if missing:
         sys.exit("bench/gpu.py needs these Python packages, which this interpreter cannot import:\n  "
                  + "\n  ".join(missing) + f"\ninterpreter: {sys.executable}\nNothing is installed by this script: "
