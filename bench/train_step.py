@@ -1,151 +1,232 @@
-"""Training throughput: the full vlmtune step against a bare PyTorch loop, same model and batches, same run.
+"""Training throughput by batching mode, and vlmtune's training path against a bare PyTorch loop, in one run.
 
-    python bench/train_step.py [--steps 40] [--micro-batch 8] [--zero 2]
+    python bench/train_step.py [--steps 30] [--rounds 1] [--micro-batch 8] [--modes pad length packed]
 
-bare:      model + torch AdamW on pre-collated batches held in memory, one thread, no Ray, no DeepSpeed.
-deepspeed: the same batches through vlmtune's DeepSpeed engine (world size 1, gloo), no Ray, no data.
-vlmtune:   jobs/train.py's path: Ray Train worker(s) with 1 CPU each, DeepSpeed ZeRO on gloo, the shard
-          stream decoding JPEGs and running the HD transform in a DataLoader process, collate, logging.
-Tokens/s per worker (one core each); the ratio vlmtune/bare is the overhead figure.
+Data: shards of the synthetic sample catalog (data/sample.py: aspect ratios 0.6 to 1.6, titles of two to five
+words, 240 to 720 px photos), prepared once with the library's `prepare` under `--dir`.
 
-On a GPU machine, `--model microsoft/Phi-3-vision-128k-instruct --random-init --device cuda --bf16
---lora --gradient-checkpointing` measures the bare loop at real size and prints MFU against the
-device's bf16 peak.
+1. Batching at real size (no model). Each train sample's token count as Phi-3-vision-128k would see it: its
+   image slots from the official image processor settings at `num_crops=16` (336-px tiles, 144 tokens a
+   crop; no pixels are processed) plus its text tokens (byte-level tokenizer), ~2,000 to ~2,700 tokens a
+   sample. Each mode's micro-batches planned by `data/batching.plan_batches` window by window: padding share
+   (pad positions / all positions) and how full the token budget is.
+2. Timed steps, tiny model (`tiny-phi3v`, fp32, num_crops 16, ZeRO-2 on gloo, one thread), for each mode:
+   bare:    the same micro-batches (`MicroBatches` on the same stream, collated beforehand and held in
+            memory) through the model and torch AdamW: forward, backward, gradient clipping at
+            `train.grad_clip`, step, schedule; one thread, no Ray, no DeepSpeed.
+   vlmtune: jobs/train.py's path: one Ray Train worker with 1 CPU running train/loop.py (DeepSpeed engine,
+            shard stream decoding JPEGs and running the HD transform in one DataLoader process, the step's
+            answer-token all_reduce, metrics, progress), its tokens/s and padding share as it logs them.
+   Both report the median rate over `--log-every`-step intervals after the first (the warm-up). The two run
+   alternately (`--rounds` times per mode), and the ratio vlmtune/bare is taken per round, so a change in the
+   machine's load during the run moves both. On a machine shared with other work, pair whole processes
+   instead: `--only bare` and `--only vlmtune` each print one run's figures as a JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
-import os
-import socket
+import json
 import statistics
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
 
-from vlmtune.config import load_config
-from vlmtune.data.collate import SampleEncoder, collate
+from vlmtune.config import BatchingConfig, Config, load_config
+from vlmtune.data.batching import MicroBatches, plan_batches
+from vlmtune.data.collate import SampleEncoder
 from vlmtune.data.prepare import prepare
 from vlmtune.data.shards import ShardStream, split_shards
 from vlmtune.launch.ray import train
 from vlmtune.models.loading import prepare_model
+from vlmtune.models.phi3v.image_processing import Phi3VImageProcessor
+from vlmtune.models.phi3v.presets import OFFICIAL_PREPROCESSORS, PHI3_VISION_128K
 from vlmtune.tracking import read_metrics
-from vlmtune.train.engine import build_engine
-from vlmtune.train.metrics import FlopCounter, peak_flops
+from vlmtune.train.engine import lr_lambda, parameter_groups
+
+MODES = ("pad", "length", "packed")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def base_config(args) -> Config:
+    return load_config("configs/demo-cpu.yaml", [
+        f"data.shards.dir={args.dir}", f"data.catalog.sample_size={args.samples}", "data.shards.samples_per_shard=64",
+        "data.images.max_side=256", "data.loader.num_workers=1", "model.num_crops=16", "model.max_length=4096",
+        f"train.micro_batch_size={args.micro_batch}", f"train.log_every={args.log_every}", "train.eval_every=0",
+        "train.table_samples=0", "train.eval_batches=1", "export.enabled=false", "tracking.mode=disabled",
+        "cluster.max_failures=0", "cluster.num_workers=1", "cluster.cpus_per_worker=1"])
 
 
-def bare_loop(cfg, args, deepspeed: bool = False) -> dict:
-    device = torch.device(args.device)
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    model, processor = prepare_model(cfg.model, dtype, random_init=args.random_init, device=args.device)
-    model.to(device).train()
+def with_mode(cfg: Config, mode: str, max_tokens: int | None) -> Config:
+    out = cfg.model_copy(deep=True)
+    out.data.batching = BatchingConfig(mode=mode, max_tokens=None if mode == "pad" else max_tokens)
+    if mode != "pad":  # a budget must hold the longest sample the model accepts
+        out.model.max_length = min(out.model.max_length, max_tokens)
+    return out
+
+
+def token_budget(lengths: list[int], batch_size: int) -> int:
+    """The budget a pad-mode micro-batch holds on average (and at least the longest sample), to the next 64."""
+    budget = max(max(lengths), round(statistics.mean(lengths) * batch_size))
+    return -(-budget // 64) * 64
+
+
+# ---- 1. batching statistics at real size -------------------------------------------------------------------------
+
+def token_counts(cfg: Config) -> dict[str, list[int]]:
+    """Tokens of every train sample in stream order: as tiny-phi3v's processor encodes it (`tiny`) and as
+    Phi-3-vision-128k's would at num_crops=16 (`real`: the same text, the real image processor's slot count)."""
+    _, processor = prepare_model(cfg.model, torch.float32)
     encoder = SampleEncoder(processor, cfg.data.prompt, cfg.model.max_length)
-    stream = ShardStream(split_shards(cfg.data.shards.dir, "train"), seed=0, transform=encoder)
-    items = list(itertools.islice(iter(stream), args.micro_batch * 8))
-    batches = [collate(items[i : i + args.micro_batch], processor.tokenizer.pad_token_id)
-               for i in range(0, len(items), args.micro_batch)]
-    flops = FlopCounter.for_model(model)
-    if deepspeed:
-        engine = build_engine(model, cfg.train, world_size=1, on_gpu=device.type == "cuda")
+    real = Phi3VImageProcessor(**{**OFFICIAL_PREPROCESSORS[PHI3_VISION_128K], "num_crops": 16})
 
-        def step(batch):
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            engine.step()
-    else:
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    def counts(sample: dict) -> dict:
+        encoded = encoder(sample)
+        text = len(encoded["input_ids"]) - encoded["image_tokens"]
+        image = real.calc_num_image_tokens_from_image_size(sample["image"].width, sample["image"].height)
+        return {"tiny": len(encoded["input_ids"]), "real": text + image, "real_image": image}
 
-        def step(batch):
-            model(**batch).loss.backward()
+    stream = ShardStream(split_shards(cfg.data.shards.dir, "train"), seed=cfg.data.loader.seed,
+                         shuffle_buffer=cfg.data.loader.shuffle_buffer, infinite=False, transform=counts)
+    items = [s for s in stream if "skipped" not in s]
+    return {k: [s[k] for s in items] for k in ("tiny", "real", "real_image")}
+
+
+def batching_stats(lengths: list[int], mode: str, batch_size: int, max_tokens: int, long_from: int) -> dict:
+    """Plan the stream window by window, as `MicroBatches` does, and count positions."""
+    import random
+
+    window = batch_size if mode == "pad" else BatchingConfig().lookahead
+    tokens = positions = batches = 0
+    for start in range(0, len(lengths) - window + 1, window):
+        part = lengths[start : start + window]
+        for batch in plan_batches(part, mode, batch_size, max_tokens, long_from, random.Random(start)):
+            sizes = [part[i] for i in batch]
+            tokens += sum(sizes)
+            positions += sum(sizes) if mode == "packed" else len(sizes) * max(sizes)
+            batches += 1
+    return {"padding_share": 1 - tokens / positions, "tokens_per_batch": tokens / batches,
+            "budget_fill": tokens / batches / max_tokens}
+
+
+# ---- 2. timed steps --------------------------------------------------------------------------------------------
+
+def bare_loop(cfg: Config, steps: int, log_every: int) -> dict:
+    """The same micro-batches as the worker's, collated beforehand; forward, backward, clip, AdamW, schedule."""
+    train_cfg = cfg.train
+    model, processor = prepare_model(cfg.model, torch.float32, seed=train_cfg.seed)
+    model.train()
+    stream = ShardStream(split_shards(cfg.data.shards.dir, "train"), seed=cfg.data.loader.seed,
+                         shuffle_buffer=cfg.data.loader.shuffle_buffer,
+                         transform=SampleEncoder(processor, cfg.data.prompt, cfg.model.max_length))
+    source = MicroBatches(stream, cfg.data.batching, train_cfg.micro_batch_size, processor.tokenizer.pad_token_id,
+                          seed=cfg.data.loader.seed, long_from=model.config.original_max_position_embeddings)
+    batches = [next(source) for _ in range(steps)]
+    optimizer = torch.optim.AdamW(parameter_groups(model, train_cfg.weight_decay), lr=train_cfg.lr,
+                                  betas=train_cfg.betas, eps=train_cfg.eps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train_cfg))
+    rates = []
+    for start in range(0, steps, log_every):
+        began, tokens, image_tokens, positions = time.perf_counter(), 0, 0, 0
+        for m in batches[start : start + log_every]:
+            loss = model(**m.inputs, num_items_in_batch=torch.tensor(float(m.answer_tokens))).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
             optimizer.step()
+            schedule.step()
             optimizer.zero_grad(set_to_none=True)
-
-    tokens = total_flops = 0.0
-    start = 0.0
-    for i in range(args.steps + 5):
-        if i == 5:  # warm-up excluded
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start, tokens, total_flops = time.perf_counter(), 0.0, 0.0
-        batch = {k: v.to(device) for k, v in batches[i % len(batches)].items()}
-        step(batch)
-        tokens += float(batch["attention_mask"].sum())
-        total_flops += flops.step_flops(batch["attention_mask"].cpu(), batch["image_sizes"].cpu())
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    result = {"tokens_per_s": tokens / seconds}
-    peak = peak_flops(device)
-    if peak:
-        result["mfu"] = total_flops / seconds / peak
-        result["gpu_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
-    return result
+            tokens, image_tokens, positions = tokens + m.tokens, image_tokens + m.image_tokens, positions + m.positions
+        seconds = time.perf_counter() - began
+        rates.append({"tokens_per_s": tokens / seconds, "image_tokens_per_s": image_tokens / seconds,
+                      "text_tokens_per_s": (tokens - image_tokens) / seconds,
+                      "padding_share": 1 - tokens / positions})
+    return summarise(rates[1:])
 
 
-def vlmtune_run(cfg, args, workers: int, storage: str) -> dict:
+def summarise(records: list[dict]) -> dict:
+    keys = ("tokens_per_s", "image_tokens_per_s", "text_tokens_per_s", "padding_share")
+    return {k: statistics.median(r[k] for r in records) for k in keys}
+
+
+def vlmtune_run(cfg: Config, steps: int, storage: str, name: str) -> dict:
     run = cfg.model_copy(deep=True)
-    run.cluster.num_workers = workers
-    run.cluster.storage_path = storage
-    run.cluster.run_name = f"bench-{workers}w"
-    run.cluster.cpus_per_worker = 1
+    run.cluster.storage_path, run.cluster.run_name = storage, name
+    run.train.max_steps = run.train.checkpoint_every = steps
     train(run)
-    rates = [r["tokens_per_s"] for r in read_metrics(Path(storage) / run.cluster.run_name) if "tokens_per_s" in r]
-    return {"tokens_per_s": statistics.median(rates[1:]) / workers}  # per worker; first interval is warm-up
+    records = [r for r in read_metrics(Path(storage) / name) if "tokens_per_s" in r]
+    return summarise(records[1:])  # the first interval holds the warm-up
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per run, warm-up interval included")
+    parser.add_argument("--log-every", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=1, help="bare/vlmtune pairs per mode")
     parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--zero", type=int, default=2)
-    parser.add_argument("--model", default="tiny-phi3v")
-    parser.add_argument("--random-init", action="store_true")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--bf16", action="store_true")
-    parser.add_argument("--lora", action="store_true")
-    parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--dir", default="outputs/bench/train-shards")
-    parser.add_argument("--bare-only", action="store_true", help="skip the Ray runs (e.g. real size on a GPU)")
+    parser.add_argument("--samples", type=int, default=320)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--dir", default="outputs/bench/train-step-shards")
+    parser.add_argument("--only", choices=("bare", "vlmtune"),
+                        help="one timed run of one path and mode (the first of --modes), printed as a JSON line: "
+                             "for pairing whole processes from outside")
     args = parser.parse_args()
 
-    cfg = load_config("configs/demo-cpu.yaml", [
-        f"data.shards.dir={args.dir}", f"model.name_or_path={args.model}", f"model.lora.enabled={args.lora}",
-        f"model.gradient_checkpointing={args.gradient_checkpointing}", f"train.zero_stage={args.zero}",
-        f"train.micro_batch_size={args.micro_batch}", f"train.max_steps={args.steps}", "train.log_every=5",
-        "train.eval_every=0", "train.table_samples=0", "train.eval_batches=1",
-        f"train.checkpoint_every={args.steps}", "export.enabled=false", "tracking.mode=disabled",
-        "cluster.max_failures=0"])
+    cfg = base_config(args)
     if not Path(args.dir, "manifest.json").exists():
         prepare(cfg.data)
     torch.set_num_threads(1)  # a Ray Train worker with 1 CPU runs with one thread too
-    rows = [("bare PyTorch loop (1 thread)", bare_loop(cfg, args))]
-    if not args.bare_only:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                          LOCAL_RANK="0")
-        torch.distributed.init_process_group("gloo" if args.device == "cpu" else "nccl")
-        rows.append((f"DeepSpeed ZeRO-{args.zero} engine, no Ray", bare_loop(cfg, args, deepspeed=True)))
-        torch.distributed.destroy_process_group()
-        with tempfile.TemporaryDirectory() as storage:
-            rows.append(("vlmtune, 1 Ray worker", vlmtune_run(cfg, args, 1, storage)))
-            rows.append(("vlmtune, 2 Ray workers (per worker)", vlmtune_run(cfg, args, 2, storage)))
-    print(f"\n{args.model}, micro-batch {args.micro_batch}, ZeRO-{args.zero}, {args.device}\n")
-    print(f"{'path':<40}{'tokens/s/worker':>16}{'MFU':>8}")
-    for name, r in rows:
-        mfu = f"{r['mfu']:.3f}" if "mfu" in r else "-"
-        print(f"{name:<40}{r['tokens_per_s']:>16.0f}{mfu:>8}")
-    if len(rows) > 1:
-        ratio = rows[2][1]["tokens_per_s"] / rows[0][1]["tokens_per_s"]
-        print(f"\nratio vlmtune(1 worker)/bare: {ratio:.3f}")
 
+    counts = token_counts(cfg)
+    tiny_budget = token_budget(counts["tiny"], args.micro_batch)
+    if args.only:
+        run_cfg = with_mode(cfg, args.modes[0], tiny_budget)
+        with tempfile.TemporaryDirectory() as storage:
+            result = bare_loop(run_cfg, args.steps, args.log_every) if args.only == "bare" else \
+                vlmtune_run(run_cfg, args.steps, storage, "only")
+        print(json.dumps({"path": args.only, "mode": args.modes[0], **result}))
+        return
+
+    lengths, image_tokens = counts["real"], counts["real_image"]
+    real_budget = token_budget(lengths, args.micro_batch)
+    print(f"\nreal-size token counts (Phi-3-vision-128k processor, num_crops=16), {len(lengths)} train samples: "
+          f"min {min(lengths)}, median {statistics.median(lengths):.0f}, max {max(lengths)}; image share "
+          f"{sum(image_tokens) / sum(lengths):.2f}; image tokens per sample (count) "
+          f"{dict(sorted(Counter(image_tokens).items()))}")
+    print(f"{'mode':<8}{'padding share':>15}{'tokens/micro-batch':>20}{'budget fill':>13}   (max_tokens {real_budget})")
+    for mode in args.modes:
+        s = batching_stats(lengths, mode, args.micro_batch, real_budget, long_from=4096)
+        print(f"{mode:<8}{s['padding_share']:>15.3f}{s['tokens_per_batch']:>20.0f}{s['budget_fill']:>13.2f}")
+
+    results: dict[str, dict[str, list[dict]]] = {m: {"bare": [], "vlmtune": []} for m in args.modes}
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory() as storage:
+        for r in range(args.rounds):
+            for mode in args.modes:
+                run_cfg = with_mode(cfg, mode, tiny_budget)
+                results[mode]["bare"].append(bare_loop(run_cfg, args.steps, args.log_every))
+                results[mode]["vlmtune"].append(vlmtune_run(run_cfg, args.steps, storage, f"{mode}-{r}"))
+    elapsed = time.perf_counter() - began
+
+    print(f"\ntiny-phi3v (fp32, num_crops 16), micro-batch {args.micro_batch} (pad) or max_tokens {tiny_budget} "
+          f"(length, packed), ZeRO-{cfg.train.zero_stage} on gloo, 1 thread; median over rounds "
+          f"({args.rounds} x {args.steps} steps each, {elapsed:.0f} s)")
+    print(f"{'mode':<8}{'path':<10}{'padding':>9}{'tokens/s':>10}{'image tok/s':>13}{'text tok/s':>12}"
+          f"{'vlmtune/bare (per round)':>28}")
+    for mode in args.modes:
+        pairs = list(zip(results[mode]["bare"], results[mode]["vlmtune"], strict=True))
+        ratios = [v["tokens_per_s"] / b["tokens_per_s"] for b, v in pairs]
+        for path in ("bare", "vlmtune"):
+            rows = results[mode][path]
+            med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+            ratio = (f"{statistics.median(ratios):.3f} ({', '.join(f'{x:.3f}' for x in ratios)})"
+                     if path == "vlmtune" else "")
+            print(f"{mode:<8}{path:<10}{med['padding_share']:>9.3f}{med['tokens_per_s']:>10.0f}"
+                  f"{med['image_tokens_per_s']:>13.0f}{med['text_tokens_per_s']:>12.0f}{ratio:>28}")
+    all_ratios = [v["tokens_per_s"] / b["tokens_per_s"] for m in args.modes
+                  for b, v in zip(results[m]["bare"], results[m]["vlmtune"], strict=True)]
+    print(f"\nratio vlmtune(1 worker)/bare, median over all modes and rounds: {statistics.median(all_ratios):.3f}")
 
 if __name__ == "__main__":
     main()

@@ -117,6 +117,17 @@ def test_dataloader_workers_give_the_same_batches(shard_dir):
     assert [next(zero).ids for _ in range(5)] == [next(two).ids for _ in range(5)]
 
 
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_samples_handed_over_in_blocks_arrive_whole_and_in_order(shard_dir, num_workers):
+    """DataLoader processes send their samples several at a time, tensors packed into one block: across
+    several blocks and workers the micro-batches are the same, tensor for tensor."""
+    zero, other = batches(shard_dir, "pad"), batches(shard_dir, "pad", num_workers=num_workers)
+    for _ in range(12):  # 36 samples: blocks of 8 from each worker in turn, into the second epoch
+        a, b = next(zero), next(other)
+        assert a.ids == b.ids and a.lengths == b.lengths and a.inputs.keys() == b.inputs.keys()
+        assert all(torch.equal(a.inputs[k], b.inputs[k]) for k in a.inputs)
+
+
 def test_skipped_samples_are_counted_reported_and_consumed(tmp_path):
     shard_dir = make_shards(tmp_path, [8], corrupt={1: ("jpg", b"not a jpeg"), 4: ("json", b"{")})
     reasons = []

@@ -307,7 +307,8 @@ class ShardStream(torch.utils.data.IterableDataset):
     Passing a position back as `start` resumes exactly there. `shares` overrides this rank's share of given
     epochs (after a world-size change). With DataLoader workers, worker w of n decodes the items whose
     ordinal since `start` ≡ w (mod n) and skips the rest as raw bytes; DataLoader's round-robin fetch then
-    returns items in the same order as with no workers.
+    returns items in the same order as with no workers. When the DataLoader fetches `group` items at a time
+    (one batch of `group`), the workers take turns group by group instead.
     """
 
     def __init__(self, shards: list[ShardInfo], rank: int = 0, world_size: int = 1, seed: int = 0,
@@ -321,6 +322,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         self.shuffle, self.shuffle_buffer, self.infinite = shuffle, shuffle_buffer, infinite
         self.start = start
         self.transform = transform
+        self.group = 1  # items a DataLoader worker yields in a row (see data/batching.py)
         self.shares = shares or {}
 
     def share(self, epoch: int) -> IntervalSet:
@@ -359,7 +361,7 @@ class ShardStream(torch.utils.data.IterableDataset):
         while True:
             for ordinal, index, raw in self._epoch_raw(epoch, skip):
                 count += 1
-                if (count - 1) % workers != worker:
+                if (count - 1) // self.group % workers != worker:
                     continue
                 item = {"position": (epoch, ordinal), "index": index}
                 try:

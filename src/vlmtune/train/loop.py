@@ -162,10 +162,11 @@ def all_min(value: int, device: torch.device) -> int:
     return int(tensor.item())
 
 
-def all_mean(value: float, device: torch.device) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+def all_mean(values: list[float], device: torch.device) -> list[float]:
+    """Means over ranks of several values, in one collective (each one costs a round trip)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
-    return tensor.item() / dist.get_world_size()
+    return (tensor / dist.get_world_size()).tolist()
 
 
 @torch.no_grad()
@@ -246,9 +247,9 @@ def checkpoint_position(data: Data, worker: Worker) -> DataPosition:
 def step_metrics(engine, losses: list[torch.Tensor], batches: MicroBatches, throughput: Throughput,
                  worker: Worker) -> dict:
     """Metrics of the steps since the last log: the mean global token loss per step, and the rates."""
-    return {"loss": all_mean(torch.stack(losses).double().mean().item(), worker.device), "lr": engine.get_lr()[0],
-            "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-            "skipped_samples": all_mean(batches.skipped, worker.device) * worker.world_size, **throughput.snapshot()}
+    loss, skipped = all_mean([torch.stack(losses).double().mean().item(), batches.skipped], worker.device)
+    return {"loss": loss, "lr": engine.get_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+            "skipped_samples": skipped * worker.world_size, **throughput.snapshot()}
 
 
 def tracking_dir(cfg: Config) -> str:

@@ -1,0 +1,280 @@
+"""Training throughput of the real Phi-3-Vision on one GPU: img/s, tokens/s, MFU and peak memory.
+
+    bench/gpu.sh [--out FILE.json] [--steps 8] [--warmup 2] [--micro-batch 4]      (one GPU, ≤ 8 min)
+    bench/gpu.sh --device cpu --tiny                                               (CPU smoke test, ~1 min)
+
+For each combination of LoRA / full fine-tune, `num_crops` 4 / 16, sdpa / flash-attn (flash-attn only when
+`import flash_attn` works) and pad / packed batching, it times optimizer steps of
+Phi-3-vision-128k-instruct's architecture (the config from the presets) with random weights in bf16, on
+samples of the synthetic catalog (data/sample.py: mixed aspect ratios and titles) encoded by the library's
+processor (the official image processor settings; the byte-level tokenizer when the real one is not cached).
+What it measures is what training runs: the model from `models/loading.prepare_model` (LoRA preset or the
+freeze policy), micro-batches planned by `data/batching.plan_batches` and built by `data/collate.collate`
+(pad) or `collate.pack` (packed), the loss over answer tokens, FLOPs from `train/metrics.FlopCounter`.
+
+Single process, single GPU, no Ray and no DeepSpeed: the optimizer is torch's fused AdamW on the bf16
+parameters (no fp32 master copy, unlike DeepSpeed's bf16 mode). A 4.2B model with its gradients and AdamW
+states fits one 141 GB GPU that way; the figure is the model's step throughput, not the distributed
+runtime's (bench/train_step.py measures vlmtune's overhead over a bare loop).
+
+MFU is against the device's bf16 matmul peak measured first (a large `torch.matmul` loop), and against the
+data-sheet peak where the device is known (train/metrics.PEAK_BF16_TFLOPS). A combination that runs out of
+memory is recorded as such and the others go on. Results: a table on stdout and a JSON file (default
+outputs/bench/gpu-<time>.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import platform
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REQUIRED = ("torch", "transformers", "peft", "PIL", "pydantic", "yaml", "webdataset", "fsspec", "numpy")
+USED = ("vlmtune.config", "vlmtune.data.batching", "vlmtune.data.collate", "vlmtune.data.sample",
+        "vlmtune.models.loading", "vlmtune.train.metrics")
+
+
+def check_imports() -> None:
+    """Every package this script needs, named before anything runs (nothing is installed from here)."""
+    missing = []
+    for name in REQUIRED:
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            missing.append(f"{name} ({e})")
+    if not missing:
+        for name in USED:  # what the library modules import beyond the list above
+            try:
+                importlib.import_module(name)
+            except ModuleNotFoundError as e:
+                missing.append(f"{e.name} (needed by {name})")
+    if missing:
+        sys.exit("bench/gpu.py needs these Python packages, which this interpreter cannot import:\n  "
+                 + "\n  ".join(missing) + f"\ninterpreter: {sys.executable}\nNothing is installed by this script: "
+                 "run it with a python that has them (PYTHON=/path/to/python bench/gpu.sh).")
+
+
+def measure_matmul_peak(device, dtype, size: int, seconds: float = 3.0) -> float:
+    """FLOP/s of back-to-back square matmuls, the best of a few timed rounds."""
+    import torch
+
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(3):
+        a @ b
+    sync()
+    best, deadline = 0.0, time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        began = time.perf_counter()
+        for _ in range(10):
+            a @ b
+        sync()
+        best = max(best, 10 * 2 * size**3 / (time.perf_counter() - began))
+    return best
+
+
+def catalog_samples(n: int, workdir: str) -> list[dict]:
+    """Raw samples ({'image', 'meta', 'key'}, as a shard stream yields them) of the synthetic catalog."""
+    import csv
+
+    from PIL import Image
+
+    from vlmtune.data.sample import generate_sample_catalog
+
+    path = generate_sample_catalog(workdir, n, seed=0)
+    samples = []
+    with path.open(encoding="utf-8") as fh:
+        for row in csv.DictReader(fh):
+            image = Image.open(path.parent / row["imageurl"]).convert("RGB")
+            meta = {"id": row["product_code"], "title": row["title"], "currency": row["currency_code"],
+                    "category": [row["category1_code"], row["category2_code"], row["category3_code"]],
+                    "full_price": float(row["full_price"]), "price": float(row["price"])}
+            samples.append({"image": image, "meta": meta, "key": row["product_code"]})
+    return samples
+
+
+def micro_batches(encoded: list[dict], mode: str, micro_batch: int, max_tokens: int, long_from: int,
+                  pad_id: int) -> list[tuple[dict, list[dict]]]:
+    """(model inputs, samples) per micro-batch, planned window by window as data/batching.MicroBatches does."""
+    from vlmtune.config import BatchingConfig
+    from vlmtune.data.batching import plan_batches
+    from vlmtune.data.collate import collate, pack
+
+    window = micro_batch if mode == "pad" else BatchingConfig().lookahead
+    out = []
+    for start in range(0, len(encoded), window):
+        part = encoded[start : start + window]
+        plan = plan_batches([len(s["input_ids"]) for s in part], mode, micro_batch, max_tokens, long_from,
+                            random.Random(start))
+        for batch in plan:
+            samples = [part[i] for i in batch]
+            out.append((pack(samples) if mode == "packed" else collate(samples, pad_id), samples))
+    return out
+
+
+def run_case(model, flops, batches, device, steps: int, warmup: int) -> dict:
+    import torch
+
+    from vlmtune.data.collate import IGNORE_INDEX
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5,
+                                  fused=device.type == "cuda")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    images = tokens = positions = 0
+    total_flops = 0.0
+    began = 0.0
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync()
+            began = time.perf_counter()
+        inputs, samples = batches[i % len(batches)]
+        answer = sum(int((s["labels"][1:] != IGNORE_INDEX).sum()) for s in samples)
+        inputs = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in inputs.items()}
+        loss = model(**inputs, num_items_in_batch=torch.tensor(float(answer), device=device)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if i >= warmup:
+            lengths = [len(s["input_ids"]) for s in samples]
+            images += int(inputs["image_sizes"].shape[0])
+            tokens += sum(lengths)
+            positions += inputs["input_ids"].numel()
+            total_flops += flops.step_flops(lengths, inputs["image_sizes"].cpu())
+    sync()
+    seconds = time.perf_counter() - began
+    del optimizer
+    result = {"step_s": seconds / steps, "img_per_s": images / seconds, "tokens_per_s": tokens / seconds,
+              "tflops": total_flops / seconds / 1e12, "padding_share": 1 - tokens / positions,
+              "tokens_per_step": tokens / steps}
+    if device.type == "cuda":
+        result["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", help="JSON file (default outputs/bench/gpu-<time>.json)")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="tiny-phi3v instead of the real size (smoke test)")
+    parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per combination")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--micro-batch", type=int, default=4, help="samples per pad micro-batch")
+    parser.add_argument("--samples", type=int, default=48)
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--crops", type=int, nargs="+", default=[4, 16])
+    args = parser.parse_args()
+    check_imports()
+
+    import torch
+
+    from vlmtune.config import load_config
+    from vlmtune.data.collate import SampleEncoder
+    from vlmtune.models.loading import prepare_model
+    from vlmtune.train.metrics import FlopCounter, peak_flops
+
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"torch {torch.__version__} sees no CUDA device: run on a GPU machine, or --device cpu --tiny")
+    dtype = torch.bfloat16
+    name = "tiny-phi3v" if args.tiny else "microsoft/Phi-3-vision-128k-instruct"
+    attns = ["sdpa"]
+    try:
+        import flash_attn  # noqa: F401
+
+        if device.type == "cuda":
+            attns.append("flash_attention_2")
+    except ImportError:
+        print("flash_attn is not importable: sdpa only")
+
+    measured = measure_matmul_peak(device, dtype, 8192 if device.type == "cuda" else 1024)
+    sheet = peak_flops(device)
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    print(f"{gpu}: measured bf16 matmul peak {measured / 1e12:.1f} TFLOP/s"
+          + (f" (data sheet {sheet / 1e12:.0f})" if sheet else ""))
+
+    torch.manual_seed(0)
+    results = []
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory() as workdir:
+        raw = catalog_samples(args.samples, workdir)
+        encoded_by_crops: dict[int, list[dict]] = {}
+        for training in ("lora", "full"):
+            for attn in attns:
+                cfg = load_config(overrides=[f"model.name_or_path={name}", f"model.attn_implementation={attn}",
+                                             f"model.lora.enabled={training == 'lora'}",
+                                             f"model.gradient_checkpointing={args.gradient_checkpointing}",
+                                             "model.freeze.vision_tower=false", "model.max_length=8192"])
+                model, processor = prepare_model(cfg.model, dtype, random_init=True, device=args.device)
+                model.to(device).train()
+                flops = FlopCounter.for_model(model)
+                long_from = model.config.original_max_position_embeddings
+                for crops in args.crops:
+                    if crops not in encoded_by_crops:
+                        processor.image_processor.num_crops = crops
+                        encoder = SampleEncoder(processor, cfg.data.prompt, cfg.model.max_length)
+                        encoded_by_crops[crops] = [encoder(s) for s in raw]
+                    encoded = encoded_by_crops[crops]
+                    lengths = [len(s["input_ids"]) for s in encoded]
+                    max_tokens = math.ceil(statistics.mean(lengths) * args.micro_batch / 64) * 64
+                    max_tokens = max(max_tokens, max(lengths))
+                    for mode in ("pad", "packed"):
+                        case = {"training": training, "attn": attn, "num_crops": crops, "batching": mode,
+                                "micro_batch": args.micro_batch if mode == "pad" else None,
+                                "max_tokens": max_tokens if mode == "packed" else None,
+                                "tokens_per_sample": statistics.mean(lengths)}
+                        batches = micro_batches(encoded, mode, args.micro_batch, max_tokens, long_from,
+                                                processor.tokenizer.pad_token_id)
+                        try:
+                            case.update(run_case(model, flops, batches, device, args.steps, args.warmup))
+                            case["mfu"] = case["tflops"] * 1e12 / measured
+                            if sheet:
+                                case["mfu_datasheet"] = case["tflops"] * 1e12 / sheet
+                        except torch.cuda.OutOfMemoryError:
+                            case["error"] = "out of memory"
+                        model.zero_grad(set_to_none=True)
+                        results.append(case)
+                        print(describe(case), flush=True)
+                del model
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    report = {"device": gpu, "torch": torch.__version__, "model": name, "dtype": "bfloat16",
+              "measured_peak_tflops": measured / 1e12, "datasheet_peak_tflops": sheet / 1e12 if sheet else None,
+              "steps": args.steps, "warmup": args.warmup, "gradient_checkpointing": args.gradient_checkpointing,
+              "seconds": time.perf_counter() - began, "results": results}
+    out = Path(args.out or f"outputs/bench/gpu-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\n{name}, bf16, {gpu}, peak {measured / 1e12:.1f} TFLOP/s measured; {report['seconds']:.0f} s")
+    print(f"{'training':<9}{'attn':<19}{'crops':>6}{'batching':>9}{'tok/sample':>11}{'img/s':>8}{'tokens/s':>10}"
+          f"{'MFU':>7}{'padding':>8}{'peak GB':>9}")
+    for case in results:
+        print(describe(case))
+    print(f"\nwrote {out}")
+
+
+def describe(case: dict) -> str:
+    head = (f"{case['training']:<9}{case['attn']:<19}{case['num_crops']:>6}{case['batching']:>9}"
+            f"{case['tokens_per_sample']:>11.0f}")
+    if "error" in case:
+        return head + f"  {case['error']}"
+    memory = f"{case['peak_mem_gb']:>9.1f}" if "peak_mem_gb" in case else f"{'-':>9}"
+    return head + (f"{case['img_per_s']:>8.2f}{case['tokens_per_s']:>10.0f}{case['mfu']:>7.3f}"
+                   f"{case['padding_share']:>8.3f}{memory}")
+
+
+if __name__ == "__main__":
+    main()
