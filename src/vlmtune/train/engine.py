@@ -67,11 +67,17 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             if g["params"]]
 
 
-def build_engine(model: torch.nn.Module, train: TrainConfig, world_size: int, on_gpu: bool,
-                 load_universal: bool = False):
-    """`deepspeed.initialize` with our optimizer and schedule, on the process group Ray Train created (NCCL on
-    GPUs, gloo on CPUs); the engine steps the schedule itself."""
+def init_distributed(on_gpu: bool) -> None:
+    """DeepSpeed's communication on the process group Ray Train created (NCCL on GPUs, gloo on CPUs)."""
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+
+
+def build_engine(model: torch.nn.Module, train: TrainConfig, world_size: int, on_gpu: bool,
+                 load_universal: bool = False, config: dict | None = None):
+    """`deepspeed.initialize` with our optimizer and schedule, on the process group Ray Train created (NCCL on
+    GPUs, gloo on CPUs); the engine steps the schedule itself. `config`: the DeepSpeed config the model was
+    built with (`deepspeed_config(train, world_size, on_gpu, load_universal)` when not given)."""
+    init_distributed(on_gpu)
     groups = parameter_groups(model, train.weight_decay)
     optimizer = None
     if not train.offload_optimizer:
@@ -79,5 +85,5 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, world_size: int, on
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train)),
-        config=deepspeed_config(train, world_size, on_gpu, load_universal))
+        config=config or deepspeed_config(train, world_size, on_gpu, load_universal))
     return engine
