@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import psutil
+import ray
 import torch
 
 from vlmtune.config import Config, load_config
@@ -213,6 +214,7 @@ def main() -> None:
     checkpoint_3 = Path(second["checkpoint"])
 
     # Export in this process, in stages, to time them and compare logits on the way: one bf16 copy at a time.
+    ray.shutdown()  # the local cluster's own processes hold ~2-3 GB
     watch.stage = "export"
     out = work / "export"
     t = time.perf_counter()

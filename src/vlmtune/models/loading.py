@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import re
+import unittest.mock
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -190,9 +191,17 @@ def _random_model(
     transformers builds the model inside `deepspeed.zero.Init`."""
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    # Built without drawing weights (seeded_init draws them once); under ZeRO-3 transformers draws them itself
-    # as it partitions, and seeded_init draws them again.
-    skip_init = contextlib.nullcontext() if is_deepspeed_zero3_enabled() or device == "meta" else init.no_init_weights()
+    # Built without drawing weights: seeded_init draws them once. (Under ZeRO-3 transformers builds without
+    # drawing, then draws every module's weights on rank 0 through gathers; that pass is skipped too.)
+    if device == "meta":
+        skip_init = contextlib.nullcontext()
+    elif is_deepspeed_zero3_enabled():
+        import transformers.integrations.deepspeed as hf_deepspeed
+
+        skip_init = unittest.mock.patch.object(hf_deepspeed, "initialize_weights_zero3", lambda model: None) \
+            if hasattr(hf_deepspeed, "initialize_weights_zero3") else contextlib.nullcontext()
+    else:
+        skip_init = init.no_init_weights()
     with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"), skip_init:
         torch.manual_seed(seed)
         model = Phi3VForCausalLM._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
@@ -209,12 +218,13 @@ def _module_seed(seed: int, name: str) -> int:
 def seeded_init(model: PreTrainedModel, seed: int) -> None:
     """Initialise every module with the model's own rule (`_init_weights`), each from a generator seeded by
     (seed, module name): the weights do not depend on the order in which modules are visited nor on where
-    they live. Under ZeRO-3 each module's parameters are gathered, rank 0 draws them, and DeepSpeed
-    partitions them again."""
+    they live. Under ZeRO-3 each module's parameters are gathered, one rank draws them (the ranks take
+    turns), and DeepSpeed partitions them again."""
     partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if partitioned else (0, 1)
     if partitioned:
         import deepspeed
-    for name, module in model.named_modules():
+    for i, (name, module) in enumerate(model.named_modules()):
         params = list(module.parameters(recurse=False))
         for child in module.children():  # `_init_weights` may set a direct child's parameters
             if not isinstance(child, PreTrainedModel):
@@ -222,10 +232,11 @@ def seeded_init(model: PreTrainedModel, seed: int) -> None:
         for tensor in [*params, *module.buffers(recurse=False)]:
             if hasattr(tensor, "_is_hf_initialized"):
                 del tensor._is_hf_initialized
-        gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=0) if partitioned and params \
+        drawer = i % world  # ranks take turns: the draws are spread over them
+        gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=drawer) if partitioned and params \
             else contextlib.nullcontext()
         with gathered:
-            if not partitioned or torch.distributed.get_rank() == 0:
+            if rank == drawer or not params:  # buffers (not partitioned) are set on every rank
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(_module_seed(seed, name))
                     model._init_weights(module)

@@ -25,6 +25,10 @@ def deepspeed_config(train: TrainConfig, world_size: int, on_gpu: bool, load_uni
     if train.zero_stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=False, stage3_prefetch_bucket_size=5e7,
                     stage3_param_persistence_threshold=1e5)
+        if not on_gpu:
+            # CPU workers share the host's memory: keep about one decoder layer gathered at a time rather
+            # than DeepSpeed's default of up to 1e9 parameters (2 GB in bf16 per worker at real size).
+            zero.update(stage3_max_live_parameters=1e8, stage3_max_reuse_distance=1e8)
     if train.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     config = {

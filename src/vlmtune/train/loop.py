@@ -17,6 +17,8 @@ with the error posted to the driver (train/progress.py) instead of a crash that 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import random
 from collections.abc import Callable, Iterator
@@ -76,8 +78,18 @@ def setup_worker(cfg: Config) -> Worker:
 def build_model(cfg: Config, worker: Worker, ds_config: dict):
     """The model and processor this run trains; under ZeRO-3 partitioned as it is built (collective)."""
     init_distributed(worker.on_gpu)  # DeepSpeed on Ray Train's process group, before zero.Init needs it
-    return prepare_model(cfg.model, torch.bfloat16 if cfg.train.bf16 else torch.float32, seed=cfg.train.seed,
-                         deepspeed_config=ds_config)
+    built = prepare_model(cfg.model, torch.bfloat16 if cfg.train.bf16 else torch.float32, seed=cfg.train.seed,
+                          deepspeed_config=ds_config)
+    release_free_memory()
+    return built
+
+
+def release_free_memory() -> None:
+    """Hand the heap memory freed while building (whole modules, before ZeRO-3 partitioned them) back to the
+    OS, where the C library allows it (glibc's malloc_trim): on CPU workers it is memory the other workers
+    on the host need."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def agree_on_failure(error: VlmtuneError | None, worker: Worker) -> str | None:
