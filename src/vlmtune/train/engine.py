@@ -20,8 +20,11 @@ def deepspeed_config(train: TrainConfig, world_size: int, on_gpu: bool, load_uni
     see train/universal.py)."""
     zero: dict = {"stage": train.zero_stage}
     if train.zero_stage > 0:
-        zero.update(contiguous_gradients=True, overlap_comm=on_gpu, reduce_bucket_size=5e8,
-                    allgather_bucket_size=5e8)
+        # ZeRO-3 allocates its gradient bucket whole, per dtype (5e8 elements: 1-2 GB per worker); CPU workers
+        # share the host's memory, so they take 5e7
+        bucket = 5e8 if on_gpu else 5e7
+        zero.update(contiguous_gradients=True, overlap_comm=on_gpu, reduce_bucket_size=bucket,
+                    allgather_bucket_size=bucket)
     if train.zero_stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=False, stage3_prefetch_bucket_size=5e7,
                     stage3_param_persistence_threshold=1e5)
