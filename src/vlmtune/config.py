@@ -160,6 +160,8 @@ class FreezeConfig(_Section):
 
 class ModelConfig(_Section):
     name_or_path: str = Field("tiny-phi3v", description="'tiny-phi3v', a hub id or a local directory")
+    random_init: bool = Field(False, description="the architecture of name_or_path with random weights (seeded by "
+                              "train.seed): rehearsals and benchmarks at real size without the checkpoint")
     num_crops: int | None = Field(None, ge=1, le=16, description="HD crops per image (default: the model's)")
     attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] = "sdpa"
     gradient_checkpointing: bool = False
@@ -254,6 +256,8 @@ class ExportConfig(_Section):
     dir: str | None = Field(None, description="default: <storage_path>/<run_name>/export")
     merge_lora: bool = Field(True, description="merge LoRA into the base weights; False writes the adapter")
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    max_shard_size: str = Field("5GB", description="largest weight file; larger models are written as "
+                                "model-0000k-of-0000n.safetensors + model.safetensors.index.json")
 
 
 class EvalConfig(_Section):

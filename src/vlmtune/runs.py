@@ -160,14 +160,18 @@ def read_config(directory: str | Path) -> Config:
     return load_config(Path(directory) / CONFIG)
 
 
-def trained_state_dict(directory: str | Path, zero_stage: int) -> dict[str, torch.Tensor]:
-    """The trained parameters of a checkpoint in fp32, ZeRO-2/3 partitions consolidated (DeepSpeed's own
-    zero_to_fp32 reader; imported here only, so reading an export never imports DeepSpeed)."""
+def trained_state_dict(directory: str | Path, zero_stage: int,
+                       dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The trained parameters of a checkpoint in `dtype` (from the fp32 masters), ZeRO-2/3 partitions
+    consolidated one parameter at a time (DeepSpeed's own zero_to_fp32 reader, lazily; imported here only,
+    so reading an export never imports DeepSpeed)."""
     directory = Path(directory)
     if zero_stage == 0:
         states = torch.load(directory / DEEPSPEED_TAG / "mp_rank_00_model_states.pt", map_location="cpu",
                             weights_only=False)
-        return {k: v.float() for k, v in states["module"].items()}
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        return {k: v.to(dtype) for k, v in states["module"].items()}
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, to_torch_tensor
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
+    lazy = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=DEEPSPEED_TAG,
+                                                    exclude_frozen_parameters=True, lazy_mode=True)
+    return to_torch_tensor(lazy, dtype=dtype)

@@ -22,7 +22,7 @@ from vlmtune.data.position import DataPosition
 from vlmtune.errors import CheckpointError
 from vlmtune.models.loading import prepare_model
 from vlmtune.train.checkpoint import Resume, check_adapter, loads_universal, restore, write_checkpoint
-from vlmtune.train.engine import build_engine
+from vlmtune.train.engine import build_engine, deepspeed_config, init_distributed
 
 pytestmark = pytest.mark.slow
 deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # gloo reduces; no shared-memory kernel build
@@ -41,8 +41,12 @@ def config(zero: int, lora: bool, bf16: bool) -> Config:
 
 
 def engine_for(cfg: Config, world: int, universal: bool = False):
-    model, _ = prepare_model(cfg.model, torch.bfloat16 if cfg.train.bf16 else torch.float32, seed=cfg.train.seed)
-    return build_engine(model, cfg.train, world, on_gpu=False, load_universal=universal)
+    """As train/loop.py builds it: under ZeRO-3 the model is partitioned as it is built."""
+    ds = deepspeed_config(cfg.train, world, on_gpu=False, load_universal=universal)
+    init_distributed(on_gpu=False)
+    model, _ = prepare_model(cfg.model, torch.bfloat16 if cfg.train.bf16 else torch.float32, seed=cfg.train.seed,
+                             deepspeed_config=ds)
+    return build_engine(model, cfg.train, world, on_gpu=False, config=ds)
 
 
 def train_steps(engine, rank: int, first: int, count: int) -> None:

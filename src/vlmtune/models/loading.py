@@ -7,18 +7,27 @@ One entry point, `load(name_or_path)`, serves every place a model is needed:
 - an official hub id or a local directory with `config.json`: `from_pretrained`, official key layout.
 - a directory holding a PEFT adapter: its base model (from `adapter_config.json`) plus the adapter.
 - `random_init=True` with an official id: the real-size architecture from the embedded official config
-  with random weights, for GPU benchmarks without downloading 8 GB.
+  with random weights, for benchmarks and rehearsals without downloading 8 GB.
+
+Random weights depend only on (config, seed, dtype): each module is initialised from its own generator,
+seeded by the seed and the module's name, so a model built partitioned under ZeRO-3 holds exactly the
+weights of one built whole (export rebuilds the base of a random-init run that way).
 
 `prepare_model(cfg.model)` is what training (and export, which rebuilds the trained model) calls: `load`,
 then 4-bit quantisation for QLoRA, gradient checkpointing, and LoRA adapters or the full fine-tune freeze
-policy.
+policy. Given a ZeRO-3 DeepSpeed config, it builds the model partitioned as it is built
+(`deepspeed.zero.Init`): no rank ever holds the whole model, which is what lets a 4.2B-parameter model train
+on workers that could not hold two copies of it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import re
+import unittest.mock
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,6 +36,8 @@ import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
 from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
 
 from vlmtune.errors import ModelError
 
@@ -175,11 +186,60 @@ def _random_model(
     seed: int,
     device: str | torch.device | None,
 ) -> Phi3VForCausalLM:
-    """Random weights, identical for identical (config, seed, dtype); the global RNG is left untouched."""
-    with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"):
+    """Random weights, identical for identical (config, seed, dtype), partitioned or not (see `seeded_init`);
+    the global RNG is left untouched. Under ZeRO-3 (a live `HfDeepSpeedConfig`, see `zero3_construction`)
+    transformers builds the model inside `deepspeed.zero.Init`."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    # Built without drawing weights: seeded_init draws them once. (Under ZeRO-3 transformers builds without
+    # drawing, then draws every module's weights on rank 0 through gathers; that pass is skipped too.)
+    if device == "meta":
+        skip_init = contextlib.nullcontext()
+    elif is_deepspeed_zero3_enabled():
+        import transformers.integrations.deepspeed as hf_deepspeed
+
+        skip_init = unittest.mock.patch.object(hf_deepspeed, "initialize_weights_zero3", lambda model: None) \
+            if hasattr(hf_deepspeed, "initialize_weights_zero3") else contextlib.nullcontext()
+    else:
+        skip_init = init.no_init_weights()
+    with torch.random.fork_rng(devices=[]), torch.device(device or "cpu"), skip_init:
         torch.manual_seed(seed)
         model = Phi3VForCausalLM._from_config(config, dtype=dtype, attn_implementation=attn_implementation)
+    if device != "meta":
+        seeded_init(model, seed)
     return model.eval()
+
+
+def _module_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+@torch.no_grad()
+def seeded_init(model: PreTrainedModel, seed: int) -> None:
+    """Initialise every module with the model's own rule (`_init_weights`), each from a generator seeded by
+    (seed, module name): the weights do not depend on the order in which modules are visited nor on where
+    they live. Under ZeRO-3 each module's parameters are gathered, one rank draws them (the ranks take
+    turns), and DeepSpeed partitions them again."""
+    partitioned = any(hasattr(p, "ds_id") for p in model.parameters())
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if partitioned else (0, 1)
+    if partitioned:
+        import deepspeed
+    for i, (name, module) in enumerate(model.named_modules()):
+        params = list(module.parameters(recurse=False))
+        for child in module.children():  # `_init_weights` may set a direct child's parameters
+            if not isinstance(child, PreTrainedModel):
+                params += list(child.parameters(recurse=False))
+        for tensor in [*params, *module.buffers(recurse=False)]:
+            if hasattr(tensor, "_is_hf_initialized"):
+                del tensor._is_hf_initialized
+        drawer = i % world  # ranks take turns: the draws are spread over them
+        gathered = deepspeed.zero.GatheredParameters(params, modifier_rank=drawer) if partitioned and params \
+            else contextlib.nullcontext()
+        with gathered:
+            if rank == drawer or not params:  # buffers (not partitioned) are set on every rank
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(_module_seed(seed, name))
+                    model._init_weights(module)
 
 
 def _processor_for_random(name: str, config: Phi3VConfig, num_crops: int | None) -> Phi3VProcessor:
@@ -217,15 +277,25 @@ def _load_adapter(path: Path, **options: Any) -> tuple[PeftModel, Phi3VProcessor
     return model, processor
 
 
-def prepare_model(cfg: ModelConfig, dtype: torch.dtype, seed: int = 0, random_init: bool = False,
-                  device: str | torch.device | None = None) -> tuple[nn.Module, Phi3VProcessor]:
+def prepare_model(cfg: ModelConfig, dtype: torch.dtype, seed: int = 0, random_init: bool | None = None,
+                  device: str | torch.device | None = None,
+                  deepspeed_config: dict | None = None) -> tuple[nn.Module, Phi3VProcessor]:
     """The model a run trains: load (4-bit for QLoRA), gradient checkpointing, then LoRA (base frozen) or the
-    full fine-tune freeze policy. Export calls it too, to rebuild exactly what a checkpoint's run trained;
-    benchmarks pass `random_init` for the real-size architecture without its weights."""
+    full fine-tune freeze policy. Export calls it too, to rebuild exactly what a checkpoint's run trained.
+    `random_init` (default: `cfg.random_init`) builds the architecture with random weights.
+
+    `deepspeed_config`: the run's DeepSpeed config. Under ZeRO-3 the model is built partitioned across the
+    ranks as it is built (the process group must exist): parameters are DeepSpeed's placeholders (`ds_id`,
+    `ds_numel`, empty local data), loaded or initialised through gathers, and LoRA adapters added
+    afterwards are partitioned by `deepspeed.initialize`. The returned model keeps transformers' ZeRO-3
+    switch (`HfDeepSpeedConfig`) alive, as generation and saving under ZeRO-3 need it.
+    """
+    random_init = cfg.random_init if random_init is None else random_init
     qlora = cfg.lora.enabled and cfg.lora.quantize_4bit
-    model, processor = load(cfg.name_or_path, num_crops=cfg.num_crops, dtype=dtype, random_init=random_init,
-                            device=device, attn_implementation=cfg.attn_implementation, seed=seed,
-                            quantize_4bit=qlora)
+    with zero3_construction(None if qlora else deepspeed_config) as zero3:
+        model, processor = load(cfg.name_or_path, num_crops=cfg.num_crops, dtype=dtype, random_init=random_init,
+                                device=device, attn_implementation=cfg.attn_implementation, seed=seed,
+                                quantize_4bit=qlora)
     if qlora:
         from peft import prepare_model_for_kbit_training
 
@@ -234,7 +304,23 @@ def prepare_model(cfg: ModelConfig, dtype: torch.dtype, seed: int = 0, random_in
     elif cfg.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     model = apply_lora(model, cfg.lora) if cfg.lora.enabled else apply_freeze(model, cfg.freeze)
+    if zero3 is not None:
+        model._vlmtune_zero3 = zero3  # transformers holds only a weak reference
     return model, processor
+
+
+@contextlib.contextmanager
+def zero3_construction(deepspeed_config: dict | None):
+    """Within: models built by transformers (`from_pretrained`, `_from_config`) are partitioned as they are
+    built (`deepspeed.zero.Init`), when `deepspeed_config` is a ZeRO-3 config; yields the `HfDeepSpeedConfig`
+    that must stay alive as long as the model (None otherwise)."""
+    stage = ((deepspeed_config or {}).get("zero_optimization") or {}).get("stage", 0)
+    if stage != 3:
+        yield None
+        return
+    from transformers.integrations import HfDeepSpeedConfig
+
+    yield HfDeepSpeedConfig(deepspeed_config)
 
 
 # ------------------------------------------------------------------------------------------------ LoRA
@@ -333,8 +419,9 @@ def trainable_parameter_summary(model: nn.Module) -> dict[str, dict[str, int]]:
     """{group: {"trainable": n, "total": n}} for the groups present, plus "all"."""
     summary: dict[str, dict[str, int]] = {}
     for name, param in model.named_parameters():
+        numel = getattr(param, "ds_numel", param.numel())  # ZeRO-3 keeps the full size aside
         for group in (parameter_group(name), "all"):
             counts = summary.setdefault(group, {"trainable": 0, "total": 0})
-            counts["total"] += param.numel()
-            counts["trainable"] += param.numel() if param.requires_grad else 0
+            counts["total"] += numel
+            counts["trainable"] += numel if param.requires_grad else 0
     return summary

@@ -22,11 +22,18 @@ def deepspeed_config(train: TrainConfig, world_size: int, on_gpu: bool, load_uni
     see train/universal.py)."""
     zero: dict = {"stage": train.zero_stage}
     if train.zero_stage > 0:
-        zero.update(contiguous_gradients=True, overlap_comm=on_gpu, reduce_bucket_size=5e8,
-                    allgather_bucket_size=5e8)
+        # ZeRO-3 allocates its gradient bucket whole, per dtype (5e8 elements: 1-2 GB per worker); CPU workers
+        # share the host's memory, so they take 5e7
+        bucket = 5e8 if on_gpu else 5e7
+        zero.update(contiguous_gradients=True, overlap_comm=on_gpu, reduce_bucket_size=bucket,
+                    allgather_bucket_size=bucket)
     if train.zero_stage == 3:
         zero.update(stage3_gather_16bit_weights_on_model_save=False, stage3_prefetch_bucket_size=5e7,
                     stage3_param_persistence_threshold=1e5)
+        if not on_gpu:
+            # CPU workers share the host's memory: keep about one decoder layer gathered at a time rather
+            # than DeepSpeed's default of up to 1e9 parameters (2 GB in bf16 per worker at real size).
+            zero.update(stage3_max_live_parameters=1e8, stage3_max_reuse_distance=1e8)
     if train.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     config = {
@@ -69,13 +76,21 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
             if g["params"]]
 
 
-def build_engine(model: torch.nn.Module, train: TrainConfig, world_size: int, on_gpu: bool,
-                 load_universal: bool = False):
-    """`deepspeed.initialize` with our optimizer and schedule, on the process group Ray Train created (NCCL on
-    GPUs, gloo on CPUs); the engine steps the schedule itself."""
-    import deepspeed
+def init_distributed(on_gpu: bool) -> None:
+    """DeepSpeed's communication on the process group Ray Train created (NCCL on GPUs, gloo on CPUs)."""
+    import deepspeed  # here, not at the top: the planner reads this module's config without DeepSpeed
 
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+
+
+def build_engine(model: torch.nn.Module, train: TrainConfig, world_size: int, on_gpu: bool,
+                 load_universal: bool = False, config: dict | None = None):
+    """`deepspeed.initialize` with our optimizer and schedule, on the process group Ray Train created (NCCL on
+    GPUs, gloo on CPUs); the engine steps the schedule itself. `config`: the DeepSpeed config the model was
+    built with (`deepspeed_config(train, world_size, on_gpu, load_universal)` when not given)."""
+    import deepspeed
+
+    init_distributed(on_gpu)
     groups = parameter_groups(model, train.weight_decay)
     optimizer = None
     if not train.offload_optimizer:
@@ -83,5 +98,5 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, world_size: int, on
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=groups if optimizer is None else None,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(train)),
-        config=deepspeed_config(train, world_size, on_gpu, load_universal))
+        config=config or deepspeed_config(train, world_size, on_gpu, load_universal))
     return engine

@@ -1,7 +1,8 @@
 """The per-worker training story, top to bottom: what every Ray Train worker runs.
 
     setup_worker      rank, device, seeds (Ray Train made the process group; DeepSpeed reuses it)
-    prepare_model     model + processor, LoRA or the freeze policy (models/loading.py)
+    prepare_model     model + processor, LoRA or the freeze policy (models/loading.py); under ZeRO-3 the
+                      model is partitioned across the ranks as it is built
     build_engine      the DeepSpeed engine on the process group Ray Train created (train/engine.py)
     restore           the latest checkpoint: engine, data position, RNG states, W&B run id
     setup_data        this rank's shard stream → micro-batches; the val batches every eval reuses
@@ -18,6 +19,8 @@ with the error posted to the driver (train/progress.py) instead of a crash that 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
 import random
 from collections.abc import Callable, Iterator
@@ -41,7 +44,7 @@ from vlmtune.eval.metrics import score
 from vlmtune.models.loading import prepare_model, trainable_parameter_summary
 from vlmtune.tracking import Tracker
 from vlmtune.train.checkpoint import LoopState, choose_checkpoint, loads_universal, restore, resume_rng, save_and_report
-from vlmtune.train.engine import build_engine
+from vlmtune.train.engine import build_engine, deepspeed_config, init_distributed
 from vlmtune.train.metrics import FlopCounter, Throughput
 from vlmtune.train.progress import Progress
 
@@ -101,6 +104,23 @@ def grad_accum_for(cfg: Config, world_size: int) -> tuple[int, str | None]:
     return adapted, (f"on {world_size} workers the global batch is {adapted * world_size * micro} samples instead "
                      f"of {gas * most * micro} (grad_accum_steps {adapted}: {gas} x {most} workers is not a multiple "
                      f"of {world_size})")
+
+
+def build_model(cfg: Config, worker: Worker, ds_config: dict):
+    """The model and processor this run trains; under ZeRO-3 partitioned as it is built (collective)."""
+    init_distributed(worker.on_gpu)  # DeepSpeed on Ray Train's process group, before zero.Init needs it
+    built = prepare_model(cfg.model, torch.bfloat16 if cfg.train.bf16 else torch.float32, seed=cfg.train.seed,
+                          deepspeed_config=ds_config)
+    release_free_memory()
+    return built
+
+
+def release_free_memory() -> None:
+    """Hand the heap memory freed while building (whole modules, before ZeRO-3 partitioned them) back to the
+    OS, where the C library allows it (glibc's malloc_trim): on CPU workers it is memory the other workers
+    on the host need."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def agree_on_failure(error: VlmtuneError | None, worker: Worker) -> str | None:
@@ -267,26 +287,36 @@ def train_loop_per_worker(loop_config: dict) -> None:
     gas, batch_note = grad_accum_for(cfg, worker.world_size)
     cfg.train.grad_accum_steps = gas
 
-    # Everything that can fail for a reason the user must fix, before the first collective operation.
+    # Everything that can fail for a reason the user must fix, before the first collective operation. Under
+    # ZeRO-3 building the model is itself collective (it is partitioned as it is built): the ranks agree on
+    # the other checks first; a model that cannot be loaded fails on every rank alike, before any gather.
     error = model = processor = resume = None
+    ds_config: dict = {}
     try:
         resume = choose_checkpoint(cfg, ray.train.get_checkpoint(), loop_config.get("resume_from"),
                                    warn=progress.warn_once)
         shard_dir = cfg.data.shards.dir
         shards = split_shards(shard_dir, "train") + split_shards(shard_dir, "val")
         verify_shards(shards[worker.rank :: worker.world_size])  # each rank checks a disjoint share
-        model, processor = prepare_model(cfg.model, torch.bfloat16 if cfg.train.bf16 else torch.float32,
-                                         seed=cfg.train.seed)
+        ds_config = deepspeed_config(cfg.train, worker.world_size, worker.on_gpu,
+                                     load_universal=loads_universal(resume, worker.world_size, cfg.train.zero_stage))
+        if cfg.train.zero_stage != 3:
+            model, processor = build_model(cfg, worker, ds_config)
     except VlmtuneError as e:
         error = e
     failure = agree_on_failure(error, worker)
+    if failure is None and model is None:
+        try:
+            model, processor = build_model(cfg, worker, ds_config)
+        except VlmtuneError as e:
+            error = e
+        failure = agree_on_failure(error, worker)
     if failure is not None:
         progress.fail(failure)  # the driver raises it; returning normally keeps Ray from retrying
         return
 
     flops = FlopCounter.for_model(model)
-    engine = build_engine(model, cfg.train, worker.world_size, worker.on_gpu,
-                          load_universal=loads_universal(resume, worker.world_size, cfg.train.zero_stage))
+    engine = build_engine(model, cfg.train, worker.world_size, worker.on_gpu, config=ds_config)
     try:
         state = restore(engine, resume, cfg, worker.rank, worker.world_size)
     except CheckpointError as e:  # raised on every rank alike
