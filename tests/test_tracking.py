@@ -25,7 +25,7 @@ def test_metrics_jsonl_holds_scalars_and_tables_without_images(tmp_path):
     tracker.log({"loss": 1.5}, 2)
     tracker.finish()
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert lines[0] == {"attempt": "", "start_step": 0}
+    assert lines[0] == {"attempt": "", "start_step": 0, "workers": 1}
     assert lines[2] == {"step": 1, "attempt": "", "table": "eval/samples", "rows": [{"id": "a", "text": "hi"}]}
     assert read_metrics(tmp_path) == [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 1.5}]
 
