@@ -10,9 +10,6 @@
 #   3. runs the driver on the head node with RAY_ADDRESS set and returns its exit code;
 #   4. on exit, failure, scancel or the time limit, stops exactly the steps it started (by PID: srun
 #      forwards the signal to its Ray processes). Never `ray stop`: other Ray clusters may share a node.
-#   5. SIGTERM to the batch script while training (the template's --signal=B:TERM@120 before the time
-#      limit, `scancel --batch --signal=TERM JOB`): the driver saves a checkpoint after its current step and
-#      exits 75; the job then requeues itself when it is requeueable (--requeue) and resumes from there.
 #
 # Environment knobs (all optional):
 #   VLMTUNE_VENV              virtualenv with vlmtune installed (same path on every node)
@@ -35,9 +32,6 @@ _vlmtune_die() { printf '[vlmtune] error: %s\n' "$*" >&2; exit 1; }
 _VLMTUNE_STEP_PIDS=()
 _VLMTUNE_STEP_NAMES=()
 _VLMTUNE_DRIVER_PID=""
-_VLMTUNE_STOPPING=""
-_VLMTUNE_REQUEUE=""
-_VLMTUNE_MODE=""
 
 # vlmtune_config_args SCRIPT DEFAULT_CONFIG [CONFIG] [section.key=value ...]
 # The config and overrides of a job from its script's arguments: CONFIG is the first argument unless that
@@ -129,19 +123,6 @@ _vlmtune_wait_alive() {
     wait "$pid"
 }
 
-# SIGTERM to the batch script (sbatch --signal=B:TERM@<s>, scancel --batch --signal=TERM, preemption with a
-# GraceTime) while a training driver runs: the driver saves a checkpoint after its current step and exits 75.
-# Any other time, or a second SIGTERM: stop at once (exit 143).
-_vlmtune_on_term() {
-    if [[ $_VLMTUNE_MODE == train && -n $_VLMTUNE_DRIVER_PID && -z $_VLMTUNE_STOPPING ]]; then
-        _VLMTUNE_STOPPING=1
-        _vlmtune_log "SIGTERM: asking the driver to save a checkpoint after the current step and stop"
-        kill -TERM "$_VLMTUNE_DRIVER_PID" 2>/dev/null || true
-        return
-    fi
-    exit 143
-}
-
 _vlmtune_cleanup() {
     local rc=$? pid deadline
     trap - EXIT INT TERM
@@ -158,10 +139,6 @@ _vlmtune_cleanup() {
             kill -KILL "$pid" 2>/dev/null || true
             wait "$pid" 2>/dev/null || true
         done
-    fi
-    if [[ -n $_VLMTUNE_REQUEUE ]]; then
-        _vlmtune_log "requeueing job $SLURM_JOB_ID: it runs again and resumes from the checkpoint"
-        scontrol requeue "$SLURM_JOB_ID" || _vlmtune_log "scontrol requeue failed: submit the job again to resume"
     fi
     exit "$rc"
 }
@@ -224,7 +201,6 @@ if mode == "train":
 # vlmtune_ray_job MODE DRIVER_ARGS...   (MODE: train | prepare)
 vlmtune_ray_job() {
     local mode=$1; shift
-    _VLMTUNE_MODE=$mode
     : "${SLURM_JOB_ID:?run this script with sbatch (or inside an salloc allocation)}"
     _vlmtune_setup_runtime
 
@@ -250,7 +226,7 @@ vlmtune_ray_job() {
     export PYTHONUNBUFFERED=1
 
     trap _vlmtune_cleanup EXIT
-    trap _vlmtune_on_term TERM
+    trap 'exit 143' TERM
     trap 'exit 130' INT
 
     local -A ips=()
@@ -305,20 +281,9 @@ vlmtune_ray_job() {
     _vlmtune_log "running: python $*"
     _vlmtune_on "$head" --overlap -- python "$@" &
     _VLMTUNE_DRIVER_PID=$!
-    local rc
-    while true; do  # a trapped SIGTERM interrupts `wait`; the driver is still saving its checkpoint
-        rc=0
-        wait "$_VLMTUNE_DRIVER_PID" || rc=$?
-        kill -0 "$_VLMTUNE_DRIVER_PID" 2>/dev/null || break
-    done
+    local rc=0
+    wait "$_VLMTUNE_DRIVER_PID" || rc=$?
     _VLMTUNE_DRIVER_PID=""
     _vlmtune_log "driver exited with code $rc"
-    if ((rc == 75)); then  # stopped on SIGTERM after its checkpoint (vlmtune.errors.Stopped)
-        if scontrol show job "$SLURM_JOB_ID" 2>/dev/null | grep -q 'Requeue=1'; then
-            _VLMTUNE_REQUEUE=1
-        else
-            _vlmtune_log "the job is not requeueable (sbatch --no-requeue or the cluster's JobRequeue=0): submit it again to resume"
-        fi
-    fi
     return "$rc"
 }

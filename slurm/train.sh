@@ -15,14 +15,11 @@
 # the resolved config and the export land in <storage_path>/<run_name>/. Submitting again with the same
 # run_name and storage_path resumes from the latest checkpoint.
 #
-# Preemption and time limits: 120 s before the time limit Slurm sends SIGTERM to this script
-# (--signal=B:TERM@120; `scancel --batch --signal=TERM JOB` does the same at any time). The driver saves a
-# checkpoint after the step in progress and exits 75, and the job requeues itself (--requeue; the log keeps
-# every attempt, --open-mode=append) and resumes from that checkpoint. A preemption that requeues the job
-# (PreemptMode=REQUEUE) or a failed node restarts it from the latest complete checkpoint too. Use
-# --signal=B:TERM@<s> with <s> longer than a step plus a checkpoint save. A plain `scancel --signal=TERM`
-# (without --batch) also reaches Ray's own processes, which stop at once: the run then resumes from its
-# last scheduled checkpoint.
+# Preemption, node failures, time limits: the job is requeueable (--requeue; the log keeps every attempt,
+# --open-mode=append). A job that Slurm requeues (PreemptMode=REQUEUE, a failed node) runs again and resumes
+# from the latest complete checkpoint, losing at most the steps since it (train.checkpoint_every). At the
+# time limit the job ends (SIGTERM to this script 120 s before, --signal=B:TERM@120, stops Ray cleanly);
+# submit again, or chain jobs with --dependency=afterany, to continue.
 #
 # Software on the nodes (see slurm/ray-cluster.sh for every knob):
 #   venv:      VLMTUNE_VENV=/shared/venvs/vlmtune sbatch slurm/train.sh ...

@@ -27,12 +27,12 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, res
         dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable, world_size: int, *args) -> list:
+def run_ranks(fn: Callable, world_size: int, *args, start_method: str = "fork") -> list:
     """`fn(rank, world_size, *args)` on every rank (fn must be importable: a module-level function); the
     results in rank order."""
     with mp.Manager() as manager:
         results = manager.dict()
         # fork: the children start with everything the test already imported (spawn re-imports for ~10 s)
         mp.start_processes(_entry, args=(world_size, _free_port(), fn, args, results), nprocs=world_size,
-                           join=True, start_method="fork")
+                           join=True, start_method=start_method)
         return [results[r] for r in range(world_size)]

@@ -28,12 +28,25 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from vlmtune.config import TrackingConfig
 
 log = logging.getLogger(__name__)
+
+
+def init_run(wandb, attempts: int = 10, wait_s: float = 3.0, **init):
+    """`wandb.init`, waiting while W&B still counts the run as in use: right after a restart the previous
+    attempt's W&B process can hold the run id for a few seconds."""
+    for attempt in range(attempts):
+        try:
+            return wandb.init(**init)
+        except Exception as e:
+            if "is in use" not in str(e) or attempt == attempts - 1:
+                raise
+            time.sleep(wait_s)
 
 
 class Tracker:
@@ -62,13 +75,13 @@ class Tracker:
                     config=config, tags=cfg.tags)
         if run_id is not None and start_step > 0:
             try:
-                self.run = wandb.init(**init, resume_from=f"{run_id}?_step={start_step}")
-            except wandb.errors.Error as e:
+                self.run = init_run(wandb, **init, resume_from=f"{run_id}?_step={start_step}")
+            except Exception as e:  # wandb raises several kinds here: no rewind on this server, offline, …
                 warn(f"W&B could not rewind run {run_id} to step {start_step} ({e}); it is resumed instead and "
                      f"keeps the earlier attempt's values for the steps after {start_step} that it logged "
                      "(metrics.jsonl has this attempt's)")
         if self.run is None:
-            self.run = wandb.init(**init, id=run_id, resume="allow")
+            self.run = init_run(wandb, **init, id=run_id, resume="allow")
         self.run_id = self.run.id
 
     def _write(self, record: dict) -> None:

@@ -47,7 +47,7 @@ def test_an_elastic_run_continues_without_a_lost_node_and_grows_back(sample_shar
              "cluster.cpus_per_worker=1", "cluster.resize_interval_s=1", "cluster.max_failures=3",
              "data.loader.num_workers=0", "train.micro_batch_size=2", "train.max_steps=24", "train.checkpoint_every=3",
              "train.log_every=1", "train.eval_every=0", "train.eval_batches=1", "train.table_samples=0",
-             "export.enabled=false"],
+             "export.enabled=false", "tracking.mode=disabled"],
             # a restart first tries both workers until the lost node is declared dead: wait less for them
             cwd=REPO, env={**cluster.env, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}, stdout=log.open("w"),
             stderr=subprocess.STDOUT)

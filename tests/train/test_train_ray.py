@@ -124,10 +124,11 @@ def test_adapter_only_export(shards, tmp_path):
     assert isinstance(answer(str(out), shards), str)
 
 
-@pytest.mark.parametrize("batching", [[], ["data.batching.mode=packed", "data.batching.max_tokens=1024",
-                                            "data.batching.lookahead=6", "train.grad_accum_steps=2"]],
-                         ids=["pad", "packed"])
-def test_resume_from_a_checkpoint_matches_the_uninterrupted_run(shards, tmp_path, batching):
+def test_resume_from_a_checkpoint_matches_the_uninterrupted_run(shards, tmp_path):
+    """Packed rows and gradient accumulation, the hardest case for the data position (the other modes' exact
+    resume: tests/data/test_batching.py)."""
+    batching = ["data.batching.mode=packed", "data.batching.max_tokens=1024", "data.batching.lookahead=6",
+                "train.grad_accum_steps=2"]
     common = ["train.zero_stage=2", "model.lora.enabled=true", "model.lora.dropout=0.1", "train.max_steps=8",
               "train.checkpoint_every=4", "export.enabled=false", "train.lr=1e-2", *batching]
     straight = train(config(shards, tmp_path, "straight", *common))
@@ -141,54 +142,12 @@ def test_resume_from_a_checkpoint_matches_the_uninterrupted_run(shards, tmp_path
         assert resumed[step] == pytest.approx(full[step], rel=1e-5, abs=1e-6), step
 
 
-def _train_worker_pids() -> list[int]:
-    pids = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if b"RayTrainWorker" in (proc / "cmdline").read_bytes():
-                    pids.append(int(proc.name))
-            except OSError:
-                continue
-    return pids
-
-
-def test_killed_worker_restarts_from_the_last_checkpoint(shards, tmp_path):
-    cfg = config(shards, tmp_path, "fault", "train.zero_stage=2", "train.max_steps=40", "train.checkpoint_every=4",
-                 "cluster.max_failures=1", "export.enabled=false", "model.lora.enabled=true")
-    run = tmp_path / "runs" / "fault"
-    killed: list[int] = []
-
-    def kill_a_worker_after_a_checkpoint() -> None:
-        # A checkpoint counts once the controller has registered it (its snapshot lists it).
-        snapshot = run / "checkpoint_manager_snapshot.json"
-        deadline = time.time() + 300
-        while time.time() < deadline and not (snapshot.exists() and "checkpoint-" in snapshot.read_text()):
-            time.sleep(0.1)
-        pids = _train_worker_pids()
-        if pids:
-            os.kill(pids[-1], signal.SIGKILL)
-            killed.append(pids[-1])
-
-    killer = threading.Thread(target=kill_a_worker_after_a_checkpoint, daemon=True)
-    killer.start()
-    outputs = train(cfg)
-    killer.join(timeout=5)
-    assert killed, "no training worker was found to kill"
-    assert json.loads((Path(outputs["checkpoint"]) / "trainer_state.json").read_text())["step"] == 40
-    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    starts = [r["start_step"] for r in logged if "start_step" in r]
-    assert len(starts) == 2, "the worker was not restarted"
-    assert starts[1] > 0, "the restart began from scratch instead of a checkpoint"
-    assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, 41))  # each step once
-
-
 def test_sigterm_checkpoints_at_the_next_step_and_the_rerun_resumes_there(shards, tmp_path):
     """SIGTERM to the driver (here: this process, which runs it) is what Slurm's --signal, scancel --signal and
     a Kubernetes pod deletion send: the run saves a checkpoint after the step in progress and stops (exit code
     75 in the job); the same command then resumes from it and logs each step once."""
     cfg = config(shards, tmp_path, "preempted", "train.zero_stage=2", "model.lora.enabled=true",
-                 "train.max_steps=30", "train.checkpoint_every=100", "export.enabled=false", "train.table_samples=0")
+                 "train.max_steps=60", "train.checkpoint_every=100", "export.enabled=false", "train.table_samples=0")
     run = tmp_path / "runs" / "preempted"
 
     def sigterm_after_step_3() -> None:
@@ -203,14 +162,14 @@ def test_sigterm_checkpoints_at_the_next_step_and_the_rerun_resumes_there(shards
     with pytest.raises(Stopped, match=r"training stopped at step \d+ on SIGTERM") as stopped:
         train(cfg)
     step = int(re.search(r"step (\d+)", str(stopped.value))[1])
-    assert 3 <= step < 30
+    assert 3 <= step < 60
     assert runs.incomplete_reason(run / runs.checkpoint_name(step)) is None, sorted(p.name for p in run.iterdir())
     assert signal.getsignal(signal.SIGTERM) is before  # the run's handler is gone with the run
 
     train(cfg)
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["start_step"] for r in logged if "start_step" in r] == [0, step]
-    assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, 31))
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, 61))
 
 
 def test_ray_job_submit_to_a_running_cluster(shards, tmp_path):
