@@ -66,11 +66,6 @@ def rehearsal_config(work: Path, name: str, model: str, *overrides: str) -> Conf
     return recipe.model_copy(update={"data": data})
 
 
-def planned_worker_bytes(cfg: Config) -> int:
-    """The memory planner's per-worker prediction for `cfg` on CPU workers (bytes)."""
-    return plan(cfg, "cpu").per_worker_bytes
-
-
 class RssWatch(threading.Thread):
     """Peak resident memory of this process and everything it started (the local Ray cluster and its
     workers), per stage, sampled every `interval` seconds; Ray Train workers' peaks also from the kernel's
@@ -239,7 +234,7 @@ def main() -> None:
     index_file = out / "model.safetensors.index.json"
     names = json.loads(index_file.read_text())["weight_map"] if index_file.exists() else {}
     shards = sorted(p.name for p in out.glob("model-*.safetensors"))
-    planned = planned_worker_bytes(cfg)
+    planned = plan(cfg, "cpu").per_worker_bytes  # the memory planner's per-worker prediction
     steps = step_times(Path(first["run"]), cfg) + step_times(Path(second["run"]), resumed_cfg)
     diff = (again - held).abs()
 
