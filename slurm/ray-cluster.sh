@@ -8,7 +8,10 @@
 #   2. waits until Ray sees every node and GPU (VLMTUNE_RAY_WAIT_S, default 300 s), logs
 #      "ray cluster ready: N nodes, C CPUs, G GPUs", and checks the config fits (train);
 #   3. runs the driver on the head node with RAY_ADDRESS set and returns its exit code;
-#   4. on exit, failure, scancel or the time limit, stops exactly the steps it started (by PID: srun
+#   4. SIGTERM to this script while the driver runs (the time limit, --signal=B:TERM@120, or
+#      `scancel --batch --signal=TERM JOB`) goes to the driver's step alone: Ray stays up while the workers
+#      save a checkpoint, the driver exits 75, and the job requeues itself (VLMTUNE_REQUEUE=0: it does not);
+#   5. on exit, failure, scancel or the time limit, stops exactly the steps it started (by PID: srun
 #      forwards the signal to its Ray processes). Never `ray stop`: other Ray clusters may share a node.
 #
 # Environment knobs (all optional):
@@ -22,6 +25,8 @@
 #   VLMTUNE_RAY_TMPDIR        base of the per-job Ray temp dirs (default /tmp; keep the path short)
 #   VLMTUNE_RAY_WAIT_S        seconds to wait for all nodes to join (default 300)
 #   VLMTUNE_RAY_HEAD_ARGS / VLMTUNE_RAY_WORKER_ARGS   extra `ray start` flags (word-split)
+#   VLMTUNE_REQUEUE           1 (default): a run stopped by SIGTERM after its checkpoint (exit 75) requeues
+#                             its job (`scontrol requeue`), which resumes from there; 0: the job just ends
 #   RAY_PORT (6379), RAY_DASHBOARD_PORT (8265), RAY_CLIENT_SERVER_PORT (10001)   head ports
 #   RAY_AUTH_MODE             token (default) or disabled; with token, a fresh RAY_AUTH_TOKEN is made per
 #                             job unless one is set, and reaches every node and the driver through srun.
@@ -140,7 +145,26 @@ _vlmtune_cleanup() {
             wait "$pid" 2>/dev/null || true
         done
     fi
+    if ((rc == 75)) && [[ ${VLMTUNE_REQUEUE:-1} == 1 ]]; then  # errors.Stopped: checkpoint saved on SIGTERM
+        _vlmtune_log "requeueing job $SLURM_JOB_ID: its next run resumes from that checkpoint"
+        scontrol requeue "$SLURM_JOB_ID" ||
+            _vlmtune_log "could not requeue (is the job --requeue, JobRequeue=1?): submit again to resume"
+    fi
     exit "$rc"
+}
+
+# TERM to this script while the driver runs: passed to the driver's step only, as SIGUSR1 (the driver's other
+# stop signal: Slurm ends a step it sends TERM to, driver included). Ray's steps keep running while the
+# workers checkpoint. A job being cancelled (its steps, Ray's included, get the TERM too) just ends.
+_vlmtune_forward_term() {
+    local state step
+    state=$(squeue --jobs="$SLURM_JOB_ID" --noheader --format=%T 2>/dev/null || true)
+    step=$(squeue --steps --jobs="$SLURM_JOB_ID" --noheader --format='%i %j' 2>/dev/null |
+        awk '$2 == "vlmtune-driver" {print $1; exit}' || true)
+    [[ $state == RUNNING && -n $step ]] || exit 143
+    _vlmtune_log "SIGTERM: the driver (step $step) stops after the workers save a checkpoint"
+    # on a multi-node job scancel also reports "Invalid job id" from the nodes the step does not run on
+    scancel --signal=USR1 "$step" || true
 }
 
 # The readiness check and config pre-flight, run with the job's Python on the head node. Exit code 3: the
@@ -279,10 +303,16 @@ vlmtune_ray_job() {
     fi
 
     _vlmtune_log "running: python $*"
-    _vlmtune_on "$head" --overlap -- python "$@" &
+    _vlmtune_on "$head" --overlap --job-name=vlmtune-driver -- python "$@" &
     _VLMTUNE_DRIVER_PID=$!
-    local rc=0
-    wait "$_VLMTUNE_DRIVER_PID" || rc=$?
+    trap _vlmtune_forward_term TERM
+    local rc
+    while :; do  # a trapped TERM ends `wait` early: wait on until the driver itself exits
+        rc=0
+        wait "$_VLMTUNE_DRIVER_PID" || rc=$?
+        if ((rc <= 128)) || ! kill -0 "$_VLMTUNE_DRIVER_PID" 2>/dev/null; then break; fi
+    done
+    trap 'exit 143' TERM
     _VLMTUNE_DRIVER_PID=""
     _vlmtune_log "driver exited with code $rc"
     return "$rc"

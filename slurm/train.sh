@@ -16,10 +16,11 @@
 # run_name and storage_path resumes from the latest checkpoint.
 #
 # Preemption, node failures, time limits: the job is requeueable (--requeue; the log keeps every attempt,
-# --open-mode=append). A job that Slurm requeues (PreemptMode=REQUEUE, a failed node) runs again and resumes
-# from the latest complete checkpoint, losing at most the steps since it (train.checkpoint_every). At the
-# time limit the job ends (SIGTERM to this script 120 s before, --signal=B:TERM@120, stops Ray cleanly);
-# submit again, or chain jobs with --dependency=afterany, to continue.
+# --open-mode=append). SIGTERM to this script (120 s before the time limit, --signal=B:TERM@120, or
+# `scancel --batch --signal=TERM JOBID`) reaches the driver alone: the workers save a checkpoint after their
+# step, the driver exits 75 and the job requeues itself to resume there (VLMTUNE_REQUEUE=0: it just ends).
+# A job that Slurm requeues (PreemptMode=REQUEUE, a failed node) resumes from the latest complete
+# checkpoint, losing at most the steps since it (train.checkpoint_every).
 #
 # Software on the nodes (see slurm/ray-cluster.sh for every knob):
 #   venv:      VLMTUNE_VENV=/shared/venvs/vlmtune sbatch slurm/train.sh ...

@@ -225,6 +225,25 @@ class SlurmCluster:
                 return
             time.sleep(0.5)
 
+    def wait_for(self, job_id: str, check, timeout: float) -> dict[str, str]:
+        """Poll `scontrol show job` until `check(fields)` holds; the fields then."""
+        deadline = time.monotonic() + timeout
+        while not check(fields := self.job(job_id)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id}: {fields}\n" + self.logs())
+            time.sleep(0.5)
+        return fields
+
+    def start_now(self, job_id: str) -> None:
+        """Make a pending job eligible at once (`scontrol update StartTime=now`)."""
+        done = self._ok(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+        assert done.returncode == 0, done.stderr
+
+    def signal_batch(self, job_id: str, signal: str) -> None:
+        """`scancel --batch --signal=SIGNAL JOB`: the batch script alone, as --signal=B:SIGNAL@T does."""
+        done = self._ok(["scancel", "--batch", f"--signal={signal}", job_id])
+        assert done.returncode == 0, done.stderr
+
     def active_jobs(self) -> list[str]:
         out = self._ok(["squeue", "-h", "-o", "%i"]).stdout.split()
         return [j for j in out if j]

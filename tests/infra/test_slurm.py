@@ -7,6 +7,7 @@ The cluster is CPU-only but declares one placeholder GPU per node, so the GPU pa
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from vlmtune.config import load_config
+from vlmtune.tracking import read_metrics
 
 from .slurm_cluster import SlurmCluster, free_ports, missing_requirements
 
@@ -131,25 +133,44 @@ def test_prepare_runs_on_a_two_node_ray_cluster(prepared):
     assert_nothing_left(tag)
 
 
-def test_train_on_slurm_writes_checkpoint_and_export(slurm, prepared, tmp_path):
+def test_train_on_slurm_stops_on_sigterm_requeues_itself_and_resumes_to_the_export(slurm, prepared, tmp_path):
+    """`scancel --batch --signal=TERM` mid-run (what the time limit's --signal=B:TERM@120 sends): the script
+    passes the TERM to the driver alone, the workers save a checkpoint after their step, the driver exits 75
+    and the job requeues itself; its second run resumes from that checkpoint, finishes and exports."""
     _, prep_out, shards, _ = prepared
     assert (shards / "manifest.json").is_file(), "prepare failed: " + prep_out[-2000:]
     submit = Submit(slurm, tmp_path, dashboard=True)
     storage = tmp_path / "runs"
-    run = "slurm-demo"
+    run = storage / "slurm-demo"
     started = time.monotonic()
-    job, out = submit("slurm/train.sh", "configs/demo-cpu.yaml", *DATA, f"data.shards.dir={shards}",
-                      "train.max_steps=4", "train.micro_batch_size=2", "train.log_every=1", "train.eval_batches=1",
-                      "train.table_samples=0", "train.checkpoint_every=4", "tracking.mode=disabled",
-                      f"cluster.storage_path={storage}", f"cluster.run_name={run}", sbatch=("--nodes=2",),
-                      timeout=540)
-    print(f"train on Slurm: {job.state} in {time.monotonic() - started:.1f} s")
+    job_id = slurm.sbatch([*JOB_LIMITS, f"--output={submit.out}", "--nodes=2", "slurm/train.sh",
+                           "configs/demo-cpu.yaml", *DATA, f"data.shards.dir={shards}", "train.max_steps=300",
+                           "train.micro_batch_size=2", "train.log_every=1", "train.eval_batches=1",
+                           "train.table_samples=0", "train.checkpoint_every=1000", "tracking.mode=disabled",
+                           f"cluster.storage_path={storage}", f"cluster.run_name={run.name}"], cwd=REPO, env=submit.env)
+    deadline = time.monotonic() + 300
+    while not ((run / "metrics.jsonl").exists() and any(r["step"] >= 2 for r in read_metrics(run) if "loss" in r)):
+        assert time.monotonic() < deadline, submit.output()[-4000:]
+        assert slurm.job(job_id).get("JobState") in {"PENDING", "RUNNING"}, submit.output()[-4000:]
+        time.sleep(0.5)
+    slurm.signal_batch(job_id, "TERM")
+    requeued = slurm.wait_for(job_id, lambda job: job.get("Restarts") == "1" and job.get("JobState") == "PENDING", 120)
+    # Slurm holds a requeued batch job back for a while (its begin time is set ahead); this test needs no wait
+    print(f"requeued: Reason={requeued.get('Reason')} EligibleTime={requeued.get('EligibleTime')}")
+    slurm.start_now(job_id)
+    job = slurm.wait(job_id, 480)
+    out = submit.output()
+    print(f"train on Slurm, stopped and requeued: {job.state} in {time.monotonic() - started:.1f} s")
     assert job.state == "COMPLETED" and job.exit_code == "0:0", out[-6000:]
-    assert "ray cluster ready: 2 nodes" in out and "training needs 2 workers" in out
-    checkpoints = sorted(p for p in (storage / run).glob("checkpoint-*") if p.is_dir())
-    assert checkpoints and any(p.is_file() for p in checkpoints[-1].rglob("*")), out[-4000:]
-    export = storage / run / "export"
-    assert (export / "config.json").is_file(), out[-4000:]
+    assert job.fields["Restarts"] == "1", out[-4000:]
+    assert "SIGTERM: the driver (step" in out and "driver exited with code 75" in out, out[-6000:]
+    assert f"requeueing job {job_id}" in out
+    assert out.count("ray cluster ready: 2 nodes") == 2 and "training needs 2 workers" in out
+    logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    resumed_at = [r["start_step"] for r in logged if "start_step" in r]
+    assert len(resumed_at) == 2 and resumed_at[0] == 0 and 2 <= resumed_at[1] < 300, resumed_at
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, 301))  # each step once
+    assert (run / "export" / "config.json").is_file(), out[-4000:]
     assert_nothing_left(submit.tag)
 
 

@@ -143,7 +143,7 @@ def train(cfg: Config) -> dict:
     if result.error:
         raise result.error
     if view.stopped_at is not None:
-        raise Stopped(f"training stopped at step {view.stopped_at} on SIGTERM, after saving "
+        raise Stopped(f"training stopped at step {view.stopped_at} on {view.stop_signal}, after saving "
                       f"{result.checkpoint.path}: run the same command again to resume from there")
     outputs = {"run": runs.run_dir(cfg), "checkpoint": result.checkpoint.path, "metrics": result.metrics}
     if cfg.export.enabled:

@@ -5,8 +5,8 @@ follows instead is one progress bar and a line per eval, per checkpoint and per 
 these as small events to a `ProgressBoard` actor, and the driver polls it while `fit()` runs. An expected
 failure (a `VlmtuneError` the ranks agreed on) travels the same way, so the driver can raise it as such.
 
-The other direction: SIGTERM to the driver (a preemption notice, a Slurm time limit, a pod deletion) sets a
-flag on the board; rank 0 reads it between steps and the ranks agree on it through the step's all_reduce
+The other direction: SIGTERM to the driver (a preemption notice, a pod deletion), or SIGUSR1 (what
+slurm/train.sh passes on: Slurm treats a TERM sent to a job step as the step's end) sets a flag on the board; rank 0 reads it between steps and the ranks agree on it through the step's all_reduce
 (train/loop.py), save a checkpoint and stop.
 """
 
@@ -19,6 +19,8 @@ import time
 import ray
 
 from vlmtune.console import console
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 @ray.remote(num_cpus=0)
@@ -104,7 +106,7 @@ def describe_eval(step: int, metrics: dict) -> str:
 
 class ProgressView:
     """Driver side: polls the board in a thread and draws a bar plus one line per event worth a line; while it
-    is open, SIGTERM asks the workers to checkpoint and stop (a second SIGTERM acts as usual)."""
+    is open, SIGTERM or SIGUSR1 asks the workers to checkpoint and stop (a second one acts as usual)."""
 
     def __init__(self, board, poll_s: float = 0.5):
         self.board, self.poll_s = board, poll_s
@@ -112,37 +114,41 @@ class ProgressView:
         self.failure: str | None = None  # an expected failure a worker reported
         self.stopped_at: int | None = None  # the step the run stopped at on request
         self.done = threading.Event()
-        self.sigterm = threading.Event()
-        self.previous_handler = None
+        self.stop_signal: str | None = None
+        self.previous_handlers: dict = {}
         self.thread = threading.Thread(target=self._run, name="vlmtune-progress", daemon=True)
 
     def __enter__(self) -> ProgressView:
         if threading.current_thread() is threading.main_thread():
-            self.previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+            self.previous_handlers = {sig: signal.signal(sig, self._on_stop_signal) for sig in STOP_SIGNALS}
         self.thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.previous_handler is not None:
-            signal.signal(signal.SIGTERM, self.previous_handler)
+        self._restore_handlers()
         self.done.set()
         self.thread.join(timeout=10)
         self._show(ray.get(self.board.take.remote()))
         if self.bar is not None:
             self.bar.close()
 
-    def _on_sigterm(self, signum, frame) -> None:
-        self.sigterm.set()  # the polling thread tells the board: no Ray calls inside a signal handler
-        signal.signal(signal.SIGTERM, self.previous_handler)
+    def _on_stop_signal(self, signum, frame) -> None:
+        self.stop_signal = signal.Signals(signum).name  # the polling thread tells the board: no Ray calls here
+        self._restore_handlers()
+
+    def _restore_handlers(self) -> None:
+        for sig, handler in self.previous_handlers.items():
+            signal.signal(sig, handler)
+        self.previous_handlers = {}
 
     def _run(self) -> None:
         asked = False
         while not self.done.wait(self.poll_s):
-            if self.sigterm.is_set() and not asked:
+            if self.stop_signal and not asked:
                 asked = True
                 self.board.request_stop.remote()
-                console.note("SIGTERM: the workers save a checkpoint after their current step, then the run stops "
-                             "(another SIGTERM stops at once)")
+                console.note(f"{self.stop_signal}: the workers save a checkpoint after their current step, then the "
+                             f"run stops (another {self.stop_signal} stops at once)")
             self._show(ray.get(self.board.take.remote()))
 
     def _show(self, events: list[tuple[str, dict]]) -> None:
