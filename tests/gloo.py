@@ -1,5 +1,10 @@
-"""Run a function on N ranks of a real gloo process group (spawned processes, no Ray): for the collective
-parts of training — loss reductions, gradient averaging, rank agreement — at unit-test speed."""
+"""Run a function on N ranks of a real gloo process group (separate processes, no Ray): for the collective
+parts of training — loss reductions, gradient averaging, rank agreement — at unit-test speed.
+
+The ranks come from a fork server, never from a fork of the test process: that process is a Ray driver (the
+session's local cluster), and a fork of it broke its connection to Ray's GCS, so that a later Ray call in
+the test session waited forever. The fork server is a fresh interpreter that imports the heavy libraries
+once; each rank forks from it in well under a second (spawning re-imports them, ~10 s a rank)."""
 
 from __future__ import annotations
 
@@ -27,12 +32,16 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: tuple, res
         dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable, world_size: int, *args, start_method: str = "fork") -> list:
+PRELOAD = ["torch", "torch.distributed", "deepspeed", "transformers", "peft", "tests.gloo"]
+
+
+def run_ranks(fn: Callable, world_size: int, *args) -> list:
     """`fn(rank, world_size, *args)` on every rank (fn must be importable: a module-level function); the
     results in rank order."""
-    with mp.Manager() as manager:
+    context = mp.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)  # read when the server starts (the first call)
+    with context.Manager() as manager:
         results = manager.dict()
-        # fork: the children start with everything the test already imported (spawn re-imports for ~10 s)
         mp.start_processes(_entry, args=(world_size, _free_port(), fn, args, results), nprocs=world_size,
-                           join=True, start_method=start_method)
+                           join=True, start_method="forkserver")
         return [results[r] for r in range(world_size)]

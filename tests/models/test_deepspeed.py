@@ -69,7 +69,7 @@ def test_zero3_two_ranks_with_different_images():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with mp.Manager() as manager:
+    with mp.get_context("spawn").Manager() as manager:  # no fork of this process: it is a Ray driver
         results = manager.dict()
         mp.spawn(_worker, args=(port, results), nprocs=2, join=True)
         results = dict(results)

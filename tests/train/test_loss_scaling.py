@@ -63,10 +63,9 @@ def _gradients(rank: int, world: int, split: list[list[int]]) -> dict[str, torch
 
 @pytest.mark.slow
 def test_gradients_do_not_depend_on_how_the_batch_is_split():
-    # fresh interpreters: a fork of this process hung once (a lock held by a thread of an earlier test)
-    one_batch = run_ranks(_gradients, 1, [[0, 1]], start_method="spawn")[0]
-    accumulated = run_ranks(_gradients, 1, [[0], [1]], start_method="spawn")[0]
-    two_ranks = run_ranks(_gradients, 2, [[0], [1]], start_method="spawn")
+    one_batch = run_ranks(_gradients, 1, [[0, 1]])[0]
+    accumulated = run_ranks(_gradients, 1, [[0], [1]])[0]
+    two_ranks = run_ranks(_gradients, 2, [[0], [1]])
     assert one_batch and set(one_batch) == set(accumulated) == set(two_ranks[0])
     for name, grad in one_batch.items():
         for other in (accumulated[name], two_ranks[0][name], two_ranks[1][name]):
