@@ -6,7 +6,8 @@ these as small events to a `ProgressBoard` actor, and the driver polls it while 
 failure (a `VlmtuneError` the ranks agreed on) travels the same way, so the driver can raise it as such.
 
 The other direction: SIGTERM to the driver (a preemption notice, a pod deletion), or SIGUSR1 (what
-slurm/train.sh passes on: Slurm treats a TERM sent to a job step as the step's end) sets a flag on the board; rank 0 reads it between steps and the ranks agree on it through the step's all_reduce
+slurm/train.sh passes on: Slurm treats a TERM sent to a job step as the step's end) sets a flag on the
+board; rank 0 reads it between steps and the ranks agree on it through the step's all_reduce
 (train/loop.py), save a checkpoint and stop.
 """
 
