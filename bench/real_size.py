@@ -2,7 +2,8 @@
 
     python bench/real_size.py [--dir outputs/bench/real-size]
 
-Not part of CI: it needs about 15 minutes on 2 cores and about 16 GiB of memory. What runs is what a
+Not part of CI: it needs about 40 minutes on 2 cores (a real-size LoRA step takes ~5 minutes on one core
+per worker; the training stage alone took 17 minutes) and about 18 GiB of memory. What runs is what a
 GPU cluster runs, at full size: the real architecture (the official config from the presets; random
 weights, `model.random_init`, nothing downloaded), configs/phi3v-burberry-lora.yaml's LoRA recipe
 (r 64 on the language model's attention and MLP, gradient checkpointing, bf16), `num_crops=4`, DeepSpeed
