@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from pathlib import Path
 
 from wandb.proto import wandb_internal_pb2
@@ -65,12 +66,26 @@ def branch_point(path: str | Path) -> tuple[str, str, float] | None:
     return None
 
 
-def run_files(directory: str | Path) -> list[Path]:
-    """The offline run files under `directory/wandb`, in the order they were started. W&B names each run's
-    directory offline-run-<time>-<run id>, adding -<n> when a run of the same id started in the same second."""
+def finished(path: Path) -> bool:
+    try:
+        return any(record.WhichOneof("record_type") == "exit" for record in records(path))
+    except Exception:  # a chunk still being written
+        return False
+
+
+def run_files(directory: str | Path, timeout_s: float = 60.0) -> list[Path]:
+    """The offline run files under `directory/wandb`, in the order they were started, each once its exit
+    record is on disk: `run.finish()` can return before W&B's writer process has flushed the file.
+    W&B names each run's directory offline-run-<time>-<run id>, adding -<n> when a run of the same id
+    started in the same second."""
 
     def started(path: Path) -> tuple[str, int]:
         _, _, stamp, _, *taken = path.parent.name.split("-")
         return stamp, int(taken[0]) if taken else 0
 
-    return sorted(Path(directory).glob("wandb/offline-run-*/run-*.wandb"), key=started)
+    files = sorted(Path(directory).glob("wandb/offline-run-*/run-*.wandb"), key=started)
+    deadline = time.monotonic() + timeout_s
+    while not all(finished(f) for f in files):
+        assert time.monotonic() < deadline, f"a W&B run file under {directory} has no exit record after {timeout_s} s"
+        time.sleep(0.2)
+    return files
