@@ -1,6 +1,6 @@
 """The real-size rehearsal on CPU: Phi-3-Vision-128k with random weights, the LoRA recipe, 2 Ray workers.
 
-    python bench/real_size.py [--dir outputs/bench/real-size]
+    python bench/real_size.py [--dir outputs/bench/real-size] [--keep] [--from-training]
 
 Not part of CI: it needs about 40 minutes on 2 cores (a real-size LoRA step takes ~5 minutes on one core
 per worker; the training stage alone took 17 minutes) and about 18 GiB of memory. What runs is what a
@@ -37,6 +37,7 @@ import psutil
 import ray
 import torch
 
+from vlmtune import runs
 from vlmtune.config import Config, load_config
 from vlmtune.data.collate import SampleEncoder, collate
 from vlmtune.data.prepare import prepare
@@ -167,14 +168,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", default="outputs/bench/real-size", help="work directory (emptied first)")
     parser.add_argument("--keep", action="store_true", help="keep checkpoints and export afterwards")
+    parser.add_argument("--from-training", action="store_true",
+                        help="start at the resume, from the checkpoint that an earlier run's training stage left in "
+                             "--dir (run with --keep, or stopped after that stage); --dir is kept")
     parser.add_argument("--max-shard-size", help="export.max_shard_size (default: the config's, 5GB: 2 shards "
                         "at real size, as Microsoft's checkpoint has)")
     parser.add_argument("--model", default="microsoft/Phi-3-vision-128k-instruct",
                         help="tiny-phi3v: the same rehearsal in a minute, to check the script itself")
     args = parser.parse_args()
     work = Path(args.dir).resolve()
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+    if not args.from_training:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
 
     # glibc's per-thread heaps and its growing mmap threshold keep freed gathers and activations: a worker's
     # RSS grew by ~0.5 GB per forward pass at 4 layers without these (Ray's workers inherit them from the
@@ -186,15 +191,21 @@ def main() -> None:
     rows: list[tuple[str, str]] = []
     wall = Stages(watch)
     cfg = rehearsal_config(work, "real-size", args.model)
-    t = time.perf_counter()
-    prepare(cfg.data)
-    wall["prepare shards"] = time.perf_counter() - t
-
-    watch.stage = "train"
-    t = time.perf_counter()
-    first = train(cfg)
-    wall["train: 2 steps + checkpoint"] = time.perf_counter() - t
-    checkpoint_2 = Path(first["checkpoint"])
+    first_run = Path(runs.run_dir(cfg))
+    if args.from_training:
+        found = runs.complete_checkpoints(str(first_run), max_step=cfg.train.max_steps)
+        if not found:
+            raise SystemExit(f"error: no complete checkpoint in {first_run}: run without --from-training first")
+        checkpoint_2 = Path(found[0])
+        shutil.rmtree(work / "runs" / "real-size-resumed", ignore_errors=True)
+    else:
+        t = time.perf_counter()
+        prepare(cfg.data)
+        wall["prepare shards"] = time.perf_counter() - t
+        watch.stage = "train"
+        t = time.perf_counter()
+        checkpoint_2 = Path(train(cfg)["checkpoint"])
+        wall["train: 2 steps + checkpoint"] = time.perf_counter() - t
 
     watch.stage = "resume"
     resumed_cfg = rehearsal_config(work, "real-size-resumed", args.model, "train.max_steps=3",
@@ -236,7 +247,7 @@ def main() -> None:
     names = json.loads(index_file.read_text())["weight_map"] if index_file.exists() else {}
     shards = sorted(p.name for p in out.glob("model-*.safetensors"))
     planned = plan(cfg, "cpu").per_worker_bytes  # the memory planner's per-worker prediction
-    steps = step_times(Path(first["run"]), cfg) + step_times(Path(second["run"]), resumed_cfg)
+    steps = step_times(first_run, cfg) + step_times(Path(second["run"]), resumed_cfg)
     diff = (again - held).abs()
 
     print(f"\n{args.model} (random weights, {summary['total'] / 1e9:.2f}B parameters, "
@@ -249,9 +260,11 @@ def main() -> None:
     planned_text = f"{planned / GiB:.2f} GiB"
     for stage in ("train", "resume"):
         peaks = sorted(watch.workers.get(stage, {}).values(), reverse=True)[: cfg.cluster.num_workers]
+        if not peaks:  # --from-training: not run here
+            continue
         rows.append((f"peak RSS per worker, {stage} (measured | planned)",
                      ", ".join(f"{p / GiB:.2f}" for p in peaks) + f" GiB | {planned_text}"))
-    for stage in ("train", "resume", "export"):
+    for stage in [stage for stage in ("train", "resume", "export") if stage in watch.total]:
         rows.append((f"peak RSS, all processes, {stage} (this one: {watch.driver.get(stage, 0) / GiB:.2f})",
                      f"{watch.total.get(stage, 0) / GiB:.2f} GiB"))
     rows.append(("peak memory in use on the machine (all users)",
