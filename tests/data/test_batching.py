@@ -25,7 +25,7 @@ def encode(sample: dict) -> dict:
     labels = torch.full_like(ids, -100)
     labels[-2:] = ids[-2:]
     return {"id": sample["meta"]["id"], "input_ids": ids, "labels": labels, "image_tokens": 2,
-            "pixel_values": torch.zeros(1, 1, 3, 2, 2), "image_sizes": torch.tensor([[2, 2]])}
+            "pixel_values": torch.full((1, 1, 3, 2, 2), float(n)), "image_sizes": torch.tensor([[2, 2]])}
 
 
 def batches(shard_dir, mode="pad", position=None, num_workers=0, **kw) -> MicroBatches:
@@ -117,15 +117,27 @@ def test_dataloader_workers_give_the_same_batches(shard_dir):
     assert [next(zero).ids for _ in range(5)] == [next(two).ids for _ in range(5)]
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("num_workers", [1, 2])
-def test_samples_handed_over_in_blocks_arrive_whole_and_in_order(shard_dir, num_workers):
-    """DataLoader processes send their samples several at a time, tensors packed into one block: across
-    several blocks and workers the micro-batches are the same, tensor for tensor."""
-    zero, other = batches(shard_dir, "pad"), batches(shard_dir, "pad", num_workers=num_workers)
-    for _ in range(12):  # 36 samples: blocks of 8 from each worker in turn, into the second epoch
+def test_samples_handed_over_in_blocks_arrive_whole_and_in_order(shard_dir, mode, num_workers):
+    """DataLoader processes send a window at a time, tensors packed into one block laid out micro-batch by
+    micro-batch: across several blocks and workers the micro-batches are the same, tensor for tensor, and
+    their pixel values are taken from the shared block without a copy."""
+    zero, other = batches(shard_dir, mode), batches(shard_dir, mode, num_workers=num_workers)
+    for _ in range(12):  # blocks from each worker in turn, into the second epoch
         a, b = next(zero), next(other)
         assert a.ids == b.ids and a.lengths == b.lengths and a.inputs.keys() == b.inputs.keys()
-        assert all(torch.equal(a.inputs[k], b.inputs[k]) for k in a.inputs)
+        assert all(torch.equal(a.inputs[k], b.inputs[k]) for k in a.inputs if torch.is_tensor(a.inputs[k]))
+        assert b.inputs["pixel_values"].is_shared() and not a.inputs["pixel_values"].is_shared()
+
+
+def test_after_a_skipped_sample_the_blocks_no_longer_match_the_windows_and_batches_are_still_right(tmp_path):
+    shard_dir = make_shards(tmp_path, [8, 7], corrupt={1: ("jpg", b"not a jpeg")})
+    for mode in MODES:
+        zero, one = batches(shard_dir, mode), batches(shard_dir, mode, num_workers=1)
+        for _ in range(8):
+            a, b = next(zero), next(one)
+            assert a.ids == b.ids and torch.equal(a.inputs["pixel_values"], b.inputs["pixel_values"])
 
 
 def test_skipped_samples_are_counted_reported_and_consumed(tmp_path):

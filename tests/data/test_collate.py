@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from vlmtune.config import PromptConfig
-from vlmtune.data.collate import IGNORE_INDEX, SampleEncoder, collate
+from vlmtune.data.collate import IGNORE_INDEX, SampleEncoder, cat_rows, collate
 from vlmtune.data.shards import SampleSkipped
 from vlmtune.models.loading import load
 
@@ -128,3 +128,16 @@ def test_batches_mixing_one_and_two_image_samples_stay_aligned_and_train(tiny):
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_cat_rows_takes_a_view_of_rows_that_lie_back_to_back_and_copies_otherwise():
+    block = torch.arange(4 * 2 * 3, dtype=torch.float32)
+    rows = [block[i * 6 : (i + 1) * 6].view(1, 2, 3) for i in range(4)]
+    whole = cat_rows(rows)
+    assert torch.equal(whole, torch.cat(rows)) and whole.data_ptr() == block.data_ptr()
+    assert cat_rows(rows[1:3]).data_ptr() == rows[1].data_ptr()
+    for others in ([rows[1], rows[0]], [rows[0], rows[2]], [rows[0], rows[1].clone()]):
+        joined = cat_rows(others)
+        assert torch.equal(joined, torch.cat(others)) and joined.data_ptr() != block.data_ptr()
+    mixed = cat_rows([torch.zeros(2, 3), torch.ones(1, 3)])
+    assert mixed.tolist() == [[0, 0, 0], [0, 0, 0], [1, 1, 1]]

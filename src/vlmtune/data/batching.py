@@ -21,6 +21,7 @@ different number of ranks. Skipped samples (corrupt member, too long) are counte
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -92,25 +93,29 @@ def plan_batches(lengths: list[int], mode: str, batch_size: int, max_tokens: int
     return batches
 
 
-TRANSFER_GROUP = 8  # samples a DataLoader process hands over at once
+PREFETCH_SAMPLES = 16  # at least this many samples decoded ahead, and at least the next window
 
 
-def _to_block(items: list[dict]) -> tuple[list[dict], dict[torch.dtype, torch.Tensor]]:
-    """In a DataLoader process: the items without their tensors, and the tensors flattened into one tensor per
-    dtype (a single shared-memory block to hand over); each item keeps (dtype, offset, shape) in their place."""
+def _to_block(items: list[dict], batching: BatchingConfig, batch_size: int,
+              long_from: int | None) -> tuple[list[dict], dict[torch.dtype, torch.Tensor]]:
+    """In a DataLoader process, for one window of items: the items without their tensors, and the tensors
+    flattened into one tensor per dtype (a single shared-memory block to hand over); each item keeps (dtype,
+    offset, shape) in their place. The tensors are laid out micro-batch by micro-batch, as `plan_batches`
+    will group the window in the training process, so each micro-batch's pixel values are one slice of the
+    block there (`collate.cat_rows` takes it without a copy). Items stay in stream order."""
+    usable = [i for i, item in enumerate(items) if "skipped" not in item]
+    plan = plan_batches([len(items[i]["input_ids"]) for i in usable], batching.mode, batch_size,
+                        batching.max_tokens, long_from, random.Random(0))  # batch order does not matter here
+    layout = [usable[i] for batch in plan for i in batch]
     parts: dict[torch.dtype, list[torch.Tensor]] = {}
     sizes: dict[torch.dtype, int] = {}
-    stripped = []
-    for item in items:
-        out = {}
-        for key, value in item.items():
+    stripped = [{k: v for k, v in item.items() if not torch.is_tensor(v)} for item in items]
+    for i in layout:
+        for key, value in items[i].items():
             if torch.is_tensor(value):
-                out[key] = _Slot(value.dtype, sizes.get(value.dtype, 0), tuple(value.shape))
+                stripped[i][key] = _Slot(value.dtype, sizes.get(value.dtype, 0), tuple(value.shape))
                 parts.setdefault(value.dtype, []).append(value.reshape(-1))
                 sizes[value.dtype] = sizes.get(value.dtype, 0) + value.numel()
-            else:
-                out[key] = value
-        stripped.append(out)
     return stripped, {dtype: torch.cat(tensors) for dtype, tensors in parts.items()}
 
 
@@ -149,18 +154,19 @@ class MicroBatches:
         self.planned: list[list[dict]] = []
         self.emitted = 0
         if num_workers > 0:
-            # DataLoader processes send TRANSFER_GROUP samples at a time with their tensors in one block per
-            # dtype (`_to_block`): each shared-memory tensor costs the receiver about 1 ms (a file descriptor
+            # DataLoader processes send a window at a time with its tensors in one block per dtype
+            # (`_to_block`): each shared-memory tensor costs the receiver about 1 ms (a file descriptor
             # fetched from the busy sender, or a named file opened), so 4 tensors a sample took ~30 ms of an
-            # 8-sample step, about half of a tiny model's step on 2 CPU cores. And they prefetch a whole
-            # window between them, so the next window is decoded while this one trains (the default, 2
-            # fetches a process, left the training process waiting for most samples of each window). A
-            # window of real-size samples at num_crops 16 holds ~23 MB of pixels a sample.
-            stream.group = TRANSFER_GROUP
-            fetches = -(-self.window_size // TRANSFER_GROUP)
-            loader = torch.utils.data.DataLoader(stream, batch_size=TRANSFER_GROUP, num_workers=num_workers,
-                                                 collate_fn=_to_block, persistent_workers=True,
-                                                 prefetch_factor=max(2, -(-fetches // num_workers)))
+            # 8-sample step, about half of a tiny model's step on 2 CPU cores. The processes take turns
+            # window by window and decode the next windows while this one trains (at least
+            # PREFETCH_SAMPLES). A window of real-size samples at num_crops 16 holds ~23 MB of pixels a sample.
+            stream.group = self.window_size
+            ahead = -(-PREFETCH_SAMPLES // (self.window_size * num_workers))
+            loader = torch.utils.data.DataLoader(
+                stream, batch_size=self.window_size, num_workers=num_workers, persistent_workers=True,
+                collate_fn=functools.partial(_to_block, batching=batching, batch_size=batch_size,
+                                             long_from=long_from),
+                prefetch_factor=max(1, ahead))
             self.items: Iterator[dict] = (item for block in loader for item in _from_block(block))
         else:
             self.items = iter(torch.utils.data.DataLoader(stream, batch_size=None, collate_fn=lambda item: item))

@@ -61,6 +61,23 @@ class SampleEncoder:
         return out
 
 
+def cat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """`torch.cat` along the first dimension, without a copy when the tensors already lie back to back in one
+    buffer: the samples of a DataLoader hand-over block (data/batching.py) in their order. A micro-batch's
+    pixel values are the bulk of its bytes (~23 MB a sample at num_crops 16); copying eight samples' worth
+    into fresh memory took ~100 ms, a tenth of a tiny-model step on one CPU core."""
+    first = tensors[0]
+    storage, shape = first.untyped_storage(), first.shape[1:]
+    offset = first.storage_offset()
+    for tensor in tensors:
+        if (not tensor.is_contiguous() or tensor.dtype != first.dtype or tensor.shape[1:] != shape
+                or tensor.untyped_storage().data_ptr() != storage.data_ptr() or tensor.storage_offset() != offset):
+            return torch.cat(tensors)
+        offset += tensor.numel()
+    rows = sum(len(tensor) for tensor in tensors)
+    return first.new_empty(0).set_(storage, first.storage_offset(), (rows, *shape))
+
+
 def collate(samples: list[dict], pad_id: int, padding_side: str = "right") -> dict:
     """Pad to the longest sample (right for training, left for generation) and stack images.
 
@@ -73,7 +90,7 @@ def collate(samples: list[dict], pad_id: int, padding_side: str = "right") -> di
 
     ids = [s["input_ids"] for s in samples]
     batch = {"input_ids": pad(ids, pad_id), "attention_mask": pad([torch.ones_like(i) for i in ids], 0),
-             "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
+             "pixel_values": cat_rows([s["pixel_values"] for s in samples]),
              "image_sizes": torch.cat([s["image_sizes"] for s in samples])}
     if "labels" in samples[0]:
         batch["labels"] = pad([s["labels"] for s in samples], IGNORE_INDEX)
@@ -92,7 +109,7 @@ def pack(samples: list[dict]) -> dict:
     """
     batch = {"input_ids": torch.cat([s["input_ids"] for s in samples])[None],
              "position_ids": torch.cat([torch.arange(len(s["input_ids"])) for s in samples])[None],
-             "pixel_values": torch.cat([s["pixel_values"] for s in samples]),
+             "pixel_values": cat_rows([s["pixel_values"] for s in samples]),
              "image_sizes": torch.cat([s["image_sizes"] for s in samples]), "use_cache": False}
     if "labels" in samples[0]:
         batch["labels"] = torch.cat([s["labels"] for s in samples])[None]
