@@ -204,18 +204,14 @@ class SlurmCluster:
         return fields
 
     def wait(self, job_id: str, timeout: float) -> Job:
-        """Poll `scontrol show job` every second (sbatch --wait backs off up to 10 s)."""
+        """Poll until the job ends (sbatch --wait backs off up to 10 s); cancel it on timeout."""
         start = time.monotonic()
-        fields: dict[str, str] = {}
-        while time.monotonic() - start < timeout:
-            fields = self.job(job_id)
-            state = fields.get("JobState", "")
-            if state in TERMINAL_STATES:
-                return Job(job_id, state, fields.get("ExitCode", ""), fields, time.monotonic() - start)
-            time.sleep(1.0)
-        self.cancel(job_id)
-        raise TimeoutError(f"job {job_id} still {fields.get('JobState')} after {timeout:.0f} s; cancelled\n"
-                           + self.logs())
+        try:
+            fields = self.wait_for(job_id, lambda job: job.get("JobState", "") in TERMINAL_STATES, timeout)
+        except TimeoutError:
+            self.cancel(job_id)
+            raise
+        return Job(job_id, fields["JobState"], fields.get("ExitCode", ""), fields, time.monotonic() - start)
 
     def cancel(self, job_id: str, timeout: float = 30.0) -> None:
         self._ok(["scancel", job_id])
@@ -230,7 +226,8 @@ class SlurmCluster:
         deadline = time.monotonic() + timeout
         while not check(fields := self.job(job_id)):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id}: {fields}\n" + self.logs())
+                raise TimeoutError(f"job {job_id} still {fields.get('JobState')} after {timeout:.0f} s: {fields}\n"
+                                   + self.logs())
             time.sleep(0.5)
         return fields
 
