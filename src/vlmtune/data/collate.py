@@ -64,8 +64,8 @@ class SampleEncoder:
 def cat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
     """`torch.cat` along the first dimension, without a copy when the tensors already lie back to back in one
     buffer: the samples of a DataLoader hand-over block (data/batching.py) in their order. A micro-batch's
-    pixel values are the bulk of its bytes (~23 MB a sample at num_crops 16); copying eight samples' worth
-    into fresh memory took ~100 ms, a tenth of a tiny-model step on one CPU core."""
+    pixel values are the bulk of its bytes (~23 MB a sample at real size and num_crops 16); copying eight
+    samples' worth into fresh memory took ~100 ms on one CPU core, mostly page faults of the new memory."""
     first = tensors[0]
     storage, shape = first.untyped_storage(), first.shape[1:]
     offset = first.storage_offset()
