@@ -8,16 +8,14 @@ seconds. Ray's socket paths must stay under 107 bytes, so the session directory 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from tests.train.ray_cluster import free_port
+from tests.train.ray_cluster import free_port, kill_process_group
 
 WAIT_FOR_NODES = """
 import sys, time, ray
@@ -69,9 +67,7 @@ class TwoNodeCluster:
 
     def kill_worker_node(self) -> None:
         """SIGKILL the worker node and everything it runs, as when a host is lost."""
-        worker = self.procs.pop()
-        os.killpg(worker.pid, signal.SIGKILL)
-        worker.wait()
+        kill_process_group(self.procs.pop())
 
     def start_worker_node(self) -> None:
         """A worker node (again): a replacement host joining the cluster."""
@@ -79,10 +75,6 @@ class TwoNodeCluster:
                                            stderr=subprocess.STDOUT, start_new_session=True))
 
     def __exit__(self, *exc) -> None:
-        """Kill both nodes' process groups outright: a graceful stop of a multi-node cluster waits ~30 s for
-        health checks, and nothing in a test cluster needs saving."""
         for proc in self.procs:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+            kill_process_group(proc)
         shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -20,6 +20,14 @@ import urllib.request
 from pathlib import Path
 
 
+def kill_process_group(proc: subprocess.Popen) -> None:
+    """SIGKILL a `ray start --block` started in its own process session, with everything it runs: on SIGTERM
+    Ray drains the node for up to 30 s first, and nothing in a test cluster needs saving."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -73,9 +81,5 @@ class RayHead:
             time.sleep(2)
 
     def __exit__(self, *exc) -> None:
-        """Kill the head's process group outright: on SIGTERM Ray drains the node for up to 30 s first, and
-        nothing in a test cluster needs saving."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
+        kill_process_group(self.proc)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
