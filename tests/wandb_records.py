@@ -12,6 +12,7 @@ import struct
 import time
 from pathlib import Path
 
+from google.protobuf.message import DecodeError
 from wandb.proto import wandb_internal_pb2
 
 BLOCK = 32 * 1024
@@ -69,7 +70,7 @@ def branch_point(path: str | Path) -> tuple[str, str, float] | None:
 def finished(path: Path) -> bool:
     try:
         return any(record.WhichOneof("record_type") == "exit" for record in records(path))
-    except Exception:  # a chunk still being written
+    except (AssertionError, DecodeError):  # no header yet, or a record still being written
         return False
 
 
