@@ -32,14 +32,11 @@ def _worker(rank: int, port: int, results: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2")
     os.environ["LOCAL_RANK"] = str(rank)
     torch.set_num_threads(1)
-    import deepspeed.ops
-
     from vlmtune.config import FreezeConfig
     from vlmtune.models.loading import apply_freeze, load
+    from vlmtune.train.engine import init_distributed
 
-    # gloo does the reductions; skip the shared-memory kernel DeepSpeed would otherwise compile on CPU
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    torch.distributed.init_process_group("gloo")
+    init_distributed(on_gpu=False)
     model, processor = load("tiny-phi3v")
     reference, _ = load("tiny-phi3v")
     for m in (model, reference):

@@ -77,9 +77,16 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def init_distributed(on_gpu: bool) -> None:
-    """DeepSpeed's communication on the process group Ray Train created (NCCL on GPUs, gloo on CPUs)."""
+    """DeepSpeed's communication on the process group Ray Train created (NCCL on GPUs, gloo on CPUs).
+
+    On CPU, DeepSpeed's backend would also JIT-compile its shared-memory all-reduce kernel: a C++ build of
+    35-60 s on two cores the first time, and again whenever the compile command changes (another venv, a
+    Slurm job's environment). That kernel only serves DeepSpeed inference (`inference_all_reduce`); training's
+    collectives go through torch.distributed. So it is marked unavailable before the backend is made (DeepSpeed
+    keeps edits to `__compatible_ops__`)."""
     import deepspeed  # here, not at the top: the planner reads this module's config without DeepSpeed
 
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
 
 
