@@ -19,6 +19,9 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train's controller polls its workers every 2 s (Ray's default), so a finished fit returned ~4 s after
+# its last step. The suite runs dozens of short fits; every cluster it starts inherits 0.5 s polls.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # S3 tests talk to a local moto server (the s3_server fixture). Ray Train's workers sign their requests with
 # whatever credentials the cluster started here inherits, so it gets test ones (never used elsewhere).
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")

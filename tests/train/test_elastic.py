@@ -17,6 +17,9 @@ from vlmtune import runs
 from vlmtune.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
+# Enough steps that the one-worker attempt (~7 steps/s) outlasts, twice over, a node's restart and the resize
+# (~90 steps)
+STEPS = 200
 pytestmark = pytest.mark.slow
 
 
@@ -45,9 +48,9 @@ def test_an_elastic_run_continues_without_a_lost_node_and_grows_back(sample_shar
             [sys.executable, "jobs/train.py", "--config", "configs/demo-cpu.yaml", f"data.shards.dir={sample_shards}",
              f"cluster.storage_path={run.parent}", f"cluster.run_name={run.name}", "cluster.num_workers=[1, 2]",
              "cluster.cpus_per_worker=1", "cluster.resize_interval_s=1", "cluster.max_failures=3",
-             "data.loader.num_workers=0", "train.micro_batch_size=2", "train.max_steps=60", "train.checkpoint_every=3",
-             "train.log_every=1", "train.eval_every=0", "train.eval_batches=1", "train.table_samples=0",
-             "export.enabled=false", "tracking.mode=disabled"],
+             "data.loader.num_workers=0", "train.micro_batch_size=2", f"train.max_steps={STEPS}",
+             "train.checkpoint_every=3", "train.log_every=1", "train.eval_every=0", "train.eval_batches=1",
+             "train.table_samples=0", "export.enabled=false", "tracking.mode=disabled"],
             # a restart first tries both workers until the lost node is declared dead: wait less for them
             cwd=REPO, env={**cluster.env, "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15"}, stdout=log.open("w"),
             stderr=subprocess.STDOUT)
@@ -65,4 +68,4 @@ def test_an_elastic_run_continues_without_a_lost_node_and_grows_back(sample_shar
     workers = [s["workers"] for s in starts(run)]
     assert workers[0] == 2 and workers[-1] == 2 and 1 in workers, workers
     assert all(s["start_step"] > 0 for s in starts(run)[1:]), starts(run)  # every restart from a checkpoint
-    assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, 61))  # each step once
+    assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, STEPS + 1))  # each step once
