@@ -19,13 +19,14 @@ MODES = {"pad": BatchingConfig(), "length": BatchingConfig(mode="length", max_to
 
 
 def encode(sample: dict) -> dict:
-    """A stand-in for SampleEncoder: 3–12 tokens depending on the id, 2 of them image slots, a 2-token answer."""
+    """A stand-in for SampleEncoder: 3–12 tokens depending on the id, 2 of them image slots, a 2-token answer.
+    Pixel values of 12 bytes: the int64 tensors after them in a hand-over block need aligning."""
     n = int(sample["meta"]["id"][2:])
     ids = torch.arange(3 + n * 7 % 10)
     labels = torch.full_like(ids, -100)
     labels[-2:] = ids[-2:]
     return {"id": sample["meta"]["id"], "input_ids": ids, "labels": labels, "image_tokens": 2,
-            "pixel_values": torch.full((1, 1, 3, 2, 2), float(n)), "image_sizes": torch.tensor([[2, 2]])}
+            "pixel_values": torch.full((1, 1, 3, 1, 1), float(n)), "image_sizes": torch.tensor([[2, 2]])}
 
 
 def batches(shard_dir, mode="pad", position=None, num_workers=0, **kw) -> MicroBatches:
@@ -120,9 +121,9 @@ def test_dataloader_workers_give_the_same_batches(shard_dir):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("num_workers", [1, 2])
 def test_samples_handed_over_in_blocks_arrive_whole_and_in_order(shard_dir, mode, num_workers):
-    """DataLoader processes send a window at a time, tensors packed into one block laid out micro-batch by
-    micro-batch: across several blocks and workers the micro-batches are the same, tensor for tensor, and
-    their pixel values are taken from the shared block without a copy."""
+    """DataLoader processes send whole windows at a time (several of pad mode's small ones), all tensors in
+    one block laid out micro-batch by micro-batch: across several blocks and workers the micro-batches are
+    the same, tensor for tensor, and their pixel values are taken from the shared block without a copy."""
     zero, other = batches(shard_dir, mode), batches(shard_dir, mode, num_workers=num_workers)
     for _ in range(12):  # blocks from each worker in turn, into the second epoch
         a, b = next(zero), next(other)

@@ -93,46 +93,56 @@ def plan_batches(lengths: list[int], mode: str, batch_size: int, max_tokens: int
     return batches
 
 
-PREFETCH_SAMPLES = 16  # at least this many samples decoded ahead, and at least the next window
+PREFETCH_SAMPLES = 16  # at least this many samples in one hand-over block of each DataLoader process together
 
 
-def _to_block(items: list[dict], batching: BatchingConfig, batch_size: int,
-              long_from: int | None) -> tuple[list[dict], dict[torch.dtype, torch.Tensor]]:
-    """In a DataLoader process, for one window of items: the items without their tensors, and the tensors
-    flattened into one tensor per dtype (a single shared-memory block to hand over); each item keeps (dtype,
-    offset, shape) in their place. The tensors are laid out micro-batch by micro-batch, as `plan_batches`
-    will group the window in the training process, so each micro-batch's pixel values are one slice of the
-    block there (`collate.cat_rows` takes it without a copy). Items stay in stream order."""
+def _to_block(items: list[dict], batching: BatchingConfig, batch_size: int, window_size: int,
+              long_from: int | None) -> tuple[list[dict], torch.Tensor]:
+    """In a DataLoader process, for one block of consecutive stream items (whole windows): the items without
+    their tensors, and the bytes of all their tensors in one uint8 tensor, a single shared-memory segment to
+    hand over; each item keeps (dtype, byte offset, shape) in their place. The tensors are grouped by key,
+    and within a key laid out micro-batch by micro-batch as `plan_batches` will group each window in the
+    training process, so a micro-batch's pixel values are one slice of the block there (`collate.cat_rows`
+    takes it without a copy). Items stay in stream order."""
     usable = [i for i, item in enumerate(items) if "skipped" not in item]
-    plan = plan_batches([len(items[i]["input_ids"]) for i in usable], batching.mode, batch_size,
-                        batching.max_tokens, long_from, random.Random(0))  # batch order does not matter here
-    layout = [usable[i] for batch in plan for i in batch]
-    parts: dict[torch.dtype, list[torch.Tensor]] = {}
-    sizes: dict[torch.dtype, int] = {}
+    layout: list[int] = []
+    for start in range(0, len(usable), window_size):
+        window = usable[start : start + window_size]
+        plan = plan_batches([len(items[i]["input_ids"]) for i in window], batching.mode, batch_size,
+                            batching.max_tokens, long_from, random.Random(0))  # batch order does not matter here
+        layout += [window[i] for batch in plan for i in batch]
     stripped = [{k: v for k, v in item.items() if not torch.is_tensor(v)} for item in items]
-    for i in layout:
-        for key, value in items[i].items():
-            if torch.is_tensor(value):
-                stripped[i][key] = _Slot(value.dtype, sizes.get(value.dtype, 0), tuple(value.shape))
-                parts.setdefault(value.dtype, []).append(value.reshape(-1))
-                sizes[value.dtype] = sizes.get(value.dtype, 0) + value.numel()
-    return stripped, {dtype: torch.cat(tensors) for dtype, tensors in parts.items()}
+    keys = dict.fromkeys(k for i in layout for k, v in items[i].items() if torch.is_tensor(v))
+    parts: list[tuple[int, torch.Tensor]] = []
+    size = 0
+    for key in keys:
+        for i in layout:
+            value = items[i][key]
+            size = -(-size // value.element_size()) * value.element_size()  # aligned for a view as its dtype
+            stripped[i][key] = _Slot(value.dtype, size, tuple(value.shape))
+            parts.append((size, value))
+            size += value.numel() * value.element_size()
+    block = torch.empty(size, dtype=torch.uint8)
+    for offset, value in parts:
+        block[offset : offset + value.numel() * value.element_size()].view(value.dtype).copy_(value.reshape(-1))
+    return stripped, block
 
 
-def _from_block(block: tuple[list[dict], dict[torch.dtype, torch.Tensor]]) -> list[dict]:
-    """In the training process: the items of `_to_block` with views into the blocks in their tensors' place."""
-    items, blocks = block
+def _from_block(block: tuple[list[dict], torch.Tensor]) -> list[dict]:
+    """In the training process: the items of `_to_block` with views into the block in their tensors' place."""
+    items, data = block
     for item in items:
         for key, slot in item.items():
             if isinstance(slot, _Slot):
-                item[key] = blocks[slot.dtype][slot.offset : slot.offset + math.prod(slot.shape)].view(slot.shape)
+                nbytes = math.prod(slot.shape) * slot.dtype.itemsize
+                item[key] = data[slot.offset : slot.offset + nbytes].view(slot.dtype).view(slot.shape)
     return items
 
 
 @dataclass(frozen=True)
 class _Slot:
     dtype: torch.dtype
-    offset: int
+    offset: int  # in bytes
     shape: tuple[int, ...]
 
 
@@ -154,19 +164,21 @@ class MicroBatches:
         self.planned: list[list[dict]] = []
         self.emitted = 0
         if num_workers > 0:
-            # DataLoader processes send a window at a time with its tensors in one block per dtype
-            # (`_to_block`): each shared-memory tensor costs the receiver about 1 ms (a file descriptor
-            # fetched from the busy sender, or a named file opened), so 4 tensors a sample took ~30 ms of an
-            # 8-sample step, about half of a tiny model's step on 2 CPU cores. The processes take turns
-            # window by window and decode the next windows while this one trains (at least
-            # PREFETCH_SAMPLES). A window of real-size samples at num_crops 16 holds ~23 MB of pixels a sample.
-            stream.group = self.window_size
-            ahead = -(-PREFETCH_SAMPLES // (self.window_size * num_workers))
+            # DataLoader processes send whole windows, PREFETCH_SAMPLES or more in one block of each, with all
+            # their tensors in the block (`_to_block`): each shared-memory segment costs the receiver about
+            # 1 ms (a file descriptor fetched from the busy sender), so one segment per tensor took ~30 ms of
+            # an 8-sample step, about half of a tiny model's step on 2 CPU cores; one per window and dtype
+            # still ~4 ms. The processes take turns block by block and decode the next ones while this one
+            # trains: two blocks ahead each when a block gathers small windows, one when a window alone is as
+            # large (the look-ahead windows of length and packed modes: 64 real-size samples at num_crops 16
+            # hold ~1.5 GB of pixels).
+            windows = -(-PREFETCH_SAMPLES // (self.window_size * num_workers))
+            stream.group = windows * self.window_size
             loader = torch.utils.data.DataLoader(
-                stream, batch_size=self.window_size, num_workers=num_workers, persistent_workers=True,
+                stream, batch_size=stream.group, num_workers=num_workers, persistent_workers=True,
                 collate_fn=functools.partial(_to_block, batching=batching, batch_size=batch_size,
-                                             long_from=long_from),
-                prefetch_factor=max(1, ahead))
+                                             window_size=self.window_size, long_from=long_from),
+                prefetch_factor=2 if windows > 1 else 1)
             self.items: Iterator[dict] = (item for block in loader for item in _from_block(block))
         else:
             self.items = iter(torch.utils.data.DataLoader(stream, batch_size=None, collate_fn=lambda item: item))
