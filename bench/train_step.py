@@ -1,6 +1,7 @@
 """Training throughput by batching mode, and vlmtune's training path against a bare PyTorch loop, in one run.
 
     python bench/train_step.py [--steps 30] [--rounds 1] [--micro-batch 8] [--modes pad length packed]
+                               [--zero-stage 0]
 
 Data: shards of the synthetic sample catalog (data/sample.py: aspect ratios 0.6 to 1.6, titles of two to five
 words, 240 to 720 px photos), prepared once with the library's `prepare` under `--dir`.
@@ -10,13 +11,16 @@ words, 240 to 720 px photos), prepared once with the library's `prepare` under `
    crop; no pixels are processed) plus its text tokens (byte-level tokenizer), ~2,000 to ~2,700 tokens a
    sample. Each mode's micro-batches planned by `data/batching.plan_batches` window by window: padding share
    (pad positions / all positions) and how full the token budget is.
-2. Timed steps, tiny model (`tiny-phi3v`, fp32, num_crops 16, ZeRO-2 on gloo, one thread), for each mode:
+2. Timed steps, tiny model (`tiny-phi3v`, fp32, num_crops 16, DeepSpeed on gloo, one thread), for each mode:
    bare:    the same micro-batches (`MicroBatches` on the same stream, collated beforehand and held in
             memory) through the model and torch AdamW: forward, backward, gradient clipping at
             `train.grad_clip`, step, schedule; one thread, no Ray, no DeepSpeed.
    vlmtune: jobs/train.py's path: one Ray Train worker with 1 CPU running train/loop.py (DeepSpeed engine,
             shard stream decoding JPEGs and running the HD transform in one DataLoader process, the step's
             answer-token all_reduce, metrics, progress), its tokens/s and padding share as it logs them.
+   The worker runs ZeRO stage `--zero-stage`: 0 by default, what one worker should run (ZeRO-1/2 partition
+   nothing on one rank, yet DeepSpeed's gradient bucketing costs ~10% of this model's step; `--zero-stage 2`
+   measures it).
    Both report the median rate over `--log-every`-step intervals after the first (the warm-up). The two run
    alternately (`--rounds` times per mode), and the ratio vlmtune/bare is taken per round, so a change in the
    machine's load during the run moves both. On a machine shared with other work, pair whole processes
@@ -56,7 +60,8 @@ def base_config(args) -> Config:
         "data.images.max_side=256", "data.loader.num_workers=1", "model.num_crops=16", "model.max_length=4096",
         f"train.micro_batch_size={args.micro_batch}", f"train.log_every={args.log_every}", "train.eval_every=0",
         "train.table_samples=0", "train.eval_batches=1", "export.enabled=false", "tracking.mode=disabled",
-        "cluster.max_failures=0", "cluster.num_workers=1", "cluster.cpus_per_worker=1"])
+        "cluster.max_failures=0", "cluster.num_workers=1", "cluster.cpus_per_worker=1",
+        f"train.zero_stage={args.zero_stage}"])
 
 
 def with_mode(cfg: Config, mode: str, max_tokens: int | None) -> Config:
@@ -167,6 +172,8 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=8)
     parser.add_argument("--samples", type=int, default=320)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=0,
+                        help="the vlmtune worker's train.zero_stage (one worker: 0 is the right choice)")
     parser.add_argument("--dir", default="outputs/bench/train-step-shards")
     parser.add_argument("--only", choices=("bare", "vlmtune"),
                         help="one timed run of one path and mode (the first of --modes), printed as a JSON line: "

@@ -64,6 +64,17 @@ def test_qlora_needs_gpus(shard_dir):
         preflight(cfg(shard_dir, "model.lora.enabled=true", "model.lora.quantize_4bit=true"))
 
 
+@pytest.mark.parametrize(("overrides", "warned"), [
+    (["cluster.num_workers=1", "train.zero_stage=2"], True),
+    (["cluster.num_workers=1", "train.zero_stage=0"], False),
+    (["cluster.num_workers=1", "train.zero_stage=2", "train.offload_optimizer=true"], False),  # ZeRO-Offload
+    (["cluster.num_workers=[1, 2]", "train.zero_stage=2"], False),  # elastic: two workers at times
+])
+def test_zero_1_or_2_on_a_single_worker_is_pointed_out(shard_dir, caplog, overrides, warned):
+    preflight(cfg(shard_dir, *overrides))
+    assert ("partitions nothing" in caplog.text) is warned
+
+
 def test_cli_fails_fast_with_the_message(shard_dir, tmp_path):
     """jobs/train.py exits 2 with the reason, before Ray starts (no session directory appears)."""
     cases = {
