@@ -139,9 +139,6 @@ def main() -> None:
     parser.add_argument("--glibc", action="store_true",
                         help="also measure 1-rank runs with glibc's default allocator settings (slower)")
     args = parser.parse_args()
-    import deepspeed.ops
-
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # gloo reduces; no shared-memory kernel build
     print(f"{'model':<6} {'ZeRO':>4} {'ranks':>5} {'batch':>9} {'states':>7} {'activ.':>7} {'planned':>8} "
           f"{'live':>7} {'ratio':>6} {'glibc':>7} {'ratio':>6}   (MiB per rank; ratio = measured/planned)")
     rows = []

@@ -1,18 +1,20 @@
 """The training loop's parts that need no Ray: eval-loss reduction, rank agreement on failures, FLOPs,
-throughput. Collectives run on a real 2-rank gloo group."""
+throughput, the logged gradient norm. Collectives run on a real gloo group."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from tests.gloo import run_ranks
-from vlmtune.config import FreezeConfig, LoraConfig, ModelConfig
+from vlmtune.config import FreezeConfig, LoraConfig, ModelConfig, TrainConfig
 from vlmtune.data.batching import MicroBatch
 from vlmtune.errors import ShardError
 from vlmtune.models.loading import prepare_model
 from vlmtune.train import metrics as metrics_mod
-from vlmtune.train.loop import Worker, agree_on_failure, eval_loss
+from vlmtune.train.loop import Worker, agree_on_failure, eval_loss, step_metrics
 from vlmtune.train.metrics import FlopCounter, Throughput
 
 
@@ -88,6 +90,27 @@ def test_throughput_reports_rates_since_the_last_snapshot(monkeypatch):
     assert "mfu" not in first and first["cpu_max_rss_gb"] > 0  # no known peak on a CPU
     meter.add(samples=2, tokens=10, image_tokens=0, positions=10, flops=0.0)
     assert meter.snapshot()["samples_per_s"] == 2 * 4 / 1  # only what came after the first snapshot
+
+
+def _logged_grad_norm(rank: int, world: int, zero_stage: int) -> float | None:
+    """One DeepSpeed step of a linear model whose gradient norm is 4·√2 (clipped to 1), then its step metrics."""
+    from vlmtune.train.engine import build_engine
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    engine = build_engine(model, TrainConfig(micro_batch_size=1, zero_stage=zero_stage, grad_clip=1.0), world,
+                          on_gpu=False)
+    loss = (engine(torch.ones(1, 2)) - 2).pow(2).sum()  # d/dw = 2·(0 - 2)·x = (-4, -4)
+    engine.backward(loss)
+    engine.step()
+    metrics = step_metrics(engine, [loss.detach()], SimpleNamespace(skipped=0), Throughput(torch.device("cpu"), world),
+                           Worker(rank, world, torch.device("cpu")))
+    return metrics.get("grad_norm")
+
+
+def test_the_gradient_norm_is_logged_where_deepspeed_keeps_it_and_never_as_a_false_zero():
+    assert run_ranks(_logged_grad_norm, 1, 2) == [pytest.approx(4 * 2**0.5)]  # before clipping
+    assert run_ranks(_logged_grad_norm, 1, 0) == [None]  # ZeRO-0 in fp32 clips without keeping the norm
 
 
 @pytest.mark.parametrize(("workers", "world", "gas", "note"), [

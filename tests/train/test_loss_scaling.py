@@ -25,7 +25,6 @@ def micro_batch(samples: list[dict], pad_id: int) -> MicroBatch:
 def _gradients(rank: int, world: int, split: list[list[int]]) -> dict[str, torch.Tensor]:
     """Run one optimizer step on this rank's share of `split` (lists of sample indices per micro-batch,
     assigned to ranks round-robin) and return the gradients the optimizer saw."""
-    import deepspeed.ops
     from PIL import Image
 
     from vlmtune.models.loading import prepare_model
@@ -33,7 +32,6 @@ def _gradients(rank: int, world: int, split: list[list[int]]) -> dict[str, torch
     from vlmtune.train.loop import Worker, train_step
     from vlmtune.train.metrics import FlopCounter, Throughput
 
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # gloo reduces; no CPU kernel to compile
     torch.manual_seed(0)
     model, processor = prepare_model(ModelConfig(lora=LoraConfig(enabled=False), freeze=FreezeConfig()),
                                      torch.float32)

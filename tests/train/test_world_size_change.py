@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import deepspeed.ops
+import deepspeed
 import pytest
 import torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
@@ -25,7 +25,6 @@ from vlmtune.train.checkpoint import Resume, check_adapter, loads_universal, res
 from vlmtune.train.engine import build_engine, deepspeed_config, init_distributed
 
 pytestmark = pytest.mark.slow
-deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # gloo reduces; no shared-memory kernel build
 
 # (ZeRO stage, LoRA, bf16): every stage with LoRA and full fine-tuning; bf16 where fp32 masters differ from the
 # weights the model holds

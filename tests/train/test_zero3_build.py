@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import deepspeed.ops
+import deepspeed
 import numpy as np
 import pytest
 import torch
@@ -28,7 +28,6 @@ from vlmtune.train.checkpoint import LoopState, write_checkpoint
 from vlmtune.train.engine import build_engine, deepspeed_config, init_distributed
 
 pytestmark = pytest.mark.slow
-deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # gloo reduces; no shared-memory kernel build
 
 
 def config() -> Config:

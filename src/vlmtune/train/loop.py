@@ -266,9 +266,12 @@ def checkpoint_position(data: Data, worker: Worker) -> DataPosition:
 
 def step_metrics(engine, losses: list[torch.Tensor], batches: MicroBatches, throughput: Throughput,
                  worker: Worker) -> dict:
-    """Metrics of the steps since the last log: the mean global token loss per step, and the rates."""
+    """Metrics of the steps since the last log: the mean global token loss per step, and the rates. The gradient
+    norm (before clipping) where DeepSpeed keeps it: ZeRO-0 in fp32 clips without keeping it, so no value
+    rather than a false 0."""
     loss, skipped = all_mean([torch.stack(losses).double().mean().item(), batches.skipped], worker.device)
-    return {"loss": loss, "lr": engine.get_lr()[0], "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+    norm = engine.get_global_grad_norm()
+    return {"loss": loss, "lr": engine.get_lr()[0], **({} if norm is None else {"grad_norm": float(norm)}),
             "skipped_samples": skipped * worker.world_size, **throughput.snapshot()}
 
 
