@@ -117,7 +117,9 @@ def _to_block(items: list[dict], batching: BatchingConfig, batch_size: int, wind
     size = 0
     for key in keys:
         for i in layout:
-            value = items[i][key]
+            value = items[i].get(key)
+            if not torch.is_tensor(value):
+                continue
             size = -(-size // value.element_size()) * value.element_size()  # aligned for a view as its dtype
             stripped[i][key] = _Slot(value.dtype, size, tuple(value.shape))
             parts.append((size, value))
