@@ -22,6 +22,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Ray Train's controller polls its workers every 2 s (Ray's default), so a finished fit returned ~4 s after
 # its last step. The suite runs dozens of short fits; every cluster it starts inherits 0.5 s polls.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Every worker group start also starts Ray Train's preemption watcher, an actor process (~2 CPU-seconds of
+# imports, on a 2-core machine ~1 s of each start) that polls node drains. No test drains a node (the elastic
+# test SIGKILLs one) and vlmtune reads no drain notices (see train/loop.py, Requests), so tests go without it.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 # S3 tests talk to a local moto server (the s3_server fixture). Ray Train's workers sign their requests with
 # whatever credentials the cluster started here inherits, so it gets test ones (never used elsewhere).
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")

@@ -238,10 +238,6 @@ class ClusterConfig(_Section):
         n = self.num_workers
         return (n, n) if isinstance(n, int) else n
 
-    @property
-    def elastic(self) -> bool:
-        return self.worker_range[0] != self.worker_range[1]
-
 
 class TrackingConfig(_Section):
     mode: Literal["online", "offline", "disabled"] = "offline"

@@ -14,7 +14,12 @@ pyarrow options concern only pyarrow (bucket creation, TLS files) and fsspec ign
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
+import os
+import shutil
+import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -139,6 +144,52 @@ def upload_dir(local_dir: str | Path, url: str) -> None:
     """Copy a local directory's contents to `url` (local or remote)."""
     fs, path = filesystem(url)
     fs.put(str(local_dir).rstrip("/") + "/", path, recursive=True)
+
+
+@contextlib.contextmanager
+def staging_dir(kind: str) -> Iterator[Path]:
+    """A local temporary directory (`<tmp>/vlmtune-staging-<kind>-*`) for files on their way to storage.
+
+    A worker killed while it holds one (preempted mid-save, OOM-killed) cannot remove it, and a node that
+    keeps its /tmp across restarts would collect them: a checkpoint part of a real-size run is gigabytes.
+    So each one is held under an exclusive lock on `<dir>.lock` beside it (flock: the kernel releases it
+    when the holder dies), and a new one first removes those of its kind whose lock is free.
+    """
+    root = Path(tempfile.gettempdir())
+    # directories, and lock files whose directory is gone
+    for other in {p.with_suffix("") for p in root.glob(f"vlmtune-staging-{kind}-*")}:
+        _remove_if_abandoned(other)
+    path = Path(tempfile.mkdtemp(prefix=f"vlmtune-staging-{kind}-", dir=root))
+    lock_path = path.with_name(path.name + ".lock")
+    lock = os.open(lock_path, os.O_CREAT | os.O_WRONLY, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+        lock_path.unlink(missing_ok=True)
+        os.close(lock)
+
+
+def _remove_if_abandoned(path: Path, grace_s: float = 60.0) -> None:
+    """Remove a staging directory whose holder is gone: its lock is free, or it has had no lock file for
+    `grace_s` (its creator makes the directory first, then the lock, within microseconds)."""
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        lock = os.open(lock_path, os.O_WRONLY)
+    except FileNotFoundError:
+        with contextlib.suppress(OSError):
+            if time.time() - path.stat().st_mtime > grace_s:
+                shutil.rmtree(path, ignore_errors=True)
+        return
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # held: in use
+        os.close(lock)
+        return
+    shutil.rmtree(path, ignore_errors=True)
+    lock_path.unlink(missing_ok=True)
+    os.close(lock)
 
 
 def sha256_file(url: str | Path, chunk: int = 1 << 20) -> str:

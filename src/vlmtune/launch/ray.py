@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 
 import ray
 import ray.train
@@ -126,7 +125,7 @@ def _export_task(checkpoint: ray.train.Checkpoint, out_dir: str) -> str:
     with checkpoint.as_directory() as directory:
         if storage.is_local(out_dir):
             return str(export_checkpoint(directory, out_dir))
-        with tempfile.TemporaryDirectory(prefix="vlmtune-export-") as local:
+        with storage.staging_dir("export") as local:
             export_checkpoint(directory, local)
             storage.upload_dir(local, out_dir)
         return out_dir

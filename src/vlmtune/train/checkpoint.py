@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import random
-import tempfile
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -240,9 +239,9 @@ def save_and_report(engine, cfg: Config, state: LoopState, metrics: dict, rank: 
     if cfg.model.lora.enabled:
         check_adapter(engine.module, state.step, engine.device)
     name = checkpoint_dir_name(cfg, state, rank)
-    with tempfile.TemporaryDirectory(prefix="vlmtune-ckpt-") as tmp:
-        write_checkpoint(engine, cfg, state, rank, world_size, Path(tmp))
-        written = storage.file_sizes(tmp)
+    with storage.staging_dir("ckpt") as tmp:
+        write_checkpoint(engine, cfg, state, rank, world_size, tmp)
+        written = storage.file_sizes(str(tmp))
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=name)
     written_by_all = universal.all_gather(written)
     if rank == 0:

@@ -13,23 +13,24 @@ load.
 
 ZeRO-0 needs no conversion: every rank holds the whole optimizer state, and rank 0 saved it.
 
-The conversion runs once per host, by the lowest rank there, into a temporary directory (`TMPDIR`; a full
-fine-tune needs room for the fp32 weights and both moments); the other ranks wait, then all load, and the
-directory is removed. Once per host rather than once in all: the checkpoint is in storage that every host
-reads, a temporary directory is not.
+The conversion runs once per host, by the lowest rank there, into a staging directory (`storage.staging_dir`
+under `TMPDIR`; a full fine-tune needs room for the fp32 weights and both moments); the other ranks wait, then
+all load, and the directory is removed (by the next conversion on that host, if its maker was killed). Once
+per host rather than once in all: the checkpoint is in storage that every host reads, a temporary directory
+is not.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
-import shutil
 import socket
-import tempfile
 from pathlib import Path
 
 import torch.distributed as dist
 
+from vlmtune import storage
 from vlmtune.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -60,16 +61,17 @@ def load_resharded(engine, checkpoint_dir: str | Path, tag: str, saved_world_siz
     on this world size. A failed conversion raises the same CheckpointError on every rank."""
     rank, hosts = dist.get_rank(), all_gather(socket.gethostname())
     converts = hosts.index(hosts[rank]) == rank
-    made = error = None
-    if converts:
-        made = tempfile.mkdtemp(prefix="vlmtune-universal-")
-        log.info("converting %s (%d ranks) to a universal checkpoint in %s", checkpoint_dir, saved_world_size, made)
-        try:
-            convert(Path(checkpoint_dir), tag, Path(made))
-        except Exception as e:  # reported on every rank below, so no rank waits forever
-            error = f"{type(e).__name__}: {e}"
-    results = all_gather((made, error))
-    try:
+    with contextlib.ExitStack() as stack:
+        made = error = None
+        if converts:
+            made = str(stack.enter_context(storage.staging_dir("universal")))
+            log.info("converting %s (%d ranks) to a universal checkpoint in %s", checkpoint_dir, saved_world_size,
+                     made)
+            try:
+                convert(Path(checkpoint_dir), tag, Path(made))
+            except Exception as e:  # reported on every rank below, so no rank waits forever
+                error = f"{type(e).__name__}: {e}"
+        results = all_gather((made, error))
         failed = [e for _, e in results if e is not None]
         if failed:
             raise CheckpointError(f"could not convert checkpoint {checkpoint_dir} from {saved_world_size} to "
@@ -77,6 +79,3 @@ def load_resharded(engine, checkpoint_dir: str | Path, tag: str, saved_world_siz
         universal, _ = results[hosts.index(hosts[rank])]
         engine.load_checkpoint(universal, tag=tag, load_module_strict=False)
         dist.barrier()  # everyone on this host has read it
-    finally:
-        if made is not None:
-            shutil.rmtree(made, ignore_errors=True)
