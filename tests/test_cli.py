@@ -91,3 +91,31 @@ def test_a_run_stopped_on_request_exits_75_for_launchers_that_retry(tmp_path):
     done = run(str(script), str(tmp_path / "logs"), env={"STOPPED": "1"})
     assert done.returncode == 75  # EX_TEMPFAIL: Slurm's requeue in slurm/train.sh, KubeRay's backoffLimit
     assert "error: training stopped at step 7 on SIGTERM" in done.stderr and "Traceback" not in done.stderr
+
+
+EARLY_EXIT = textwrap.dedent("""
+    import logging, os
+    from vlmtune.cli import exit_with, job_parser
+
+    def main(args):  # ends before it knows an output directory, as `train.py --plan` and config errors do
+        if os.environ.get("CHATTER"):
+            logging.getLogger("somelib").warning("library warning")
+        return 0
+
+    exit_with("probe", job_parser(None, config=False), main)
+""")
+
+
+def test_a_job_that_ends_before_its_log_has_a_place_leaves_no_file_unsaid(tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(EARLY_EXIT)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    quiet = run(str(script), env={"TMPDIR": str(temp)})
+    assert quiet.returncode == 0, quiet.stderr
+    assert list(temp.iterdir()) == [] and "log:" not in quiet.stdout + quiet.stderr  # an empty log is removed
+
+    chatty = run(str(script), env={"TMPDIR": str(temp), "CHATTER": "1"})
+    assert chatty.returncode == 0, chatty.stderr
+    (log,) = temp.glob("vlmtune-probe-*.log")  # kept, and said
+    assert "library warning" in log.read_text() and f"log: {log}" in chatty.stdout

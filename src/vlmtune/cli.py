@@ -72,7 +72,10 @@ def run_job(name: str, parser: argparse.ArgumentParser, main: Callable[[argparse
         console.error(traceback.format_exc().rstrip())
         if console.log_path:
             console.error(f"(log: {console.log_path})")
+            console.log_shown = True
         return 1
+    finally:
+        console.close()
 
 
 def exit_with(name: str, parser: argparse.ArgumentParser, main: Callable[[argparse.Namespace], int]) -> None:

@@ -10,7 +10,8 @@ How: the process's file descriptors 1 and 2 (where every library, C++ code and c
 pointed at the log file, and the console keeps its own duplicates of the terminal's. Python logging sends
 every record to the log file and, on the console, vlmtune's records at INFO and above plus other
 libraries' errors. Until the log directory is known (the config is not loaded yet), the log is a temporary
-file; `open_log` moves it into place.
+file; `open_log` moves it into place, and a job that ends before that (`close`) removes it when it is empty,
+else prints its path.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class Console:
         self.err: TextIO = sys.stderr
         self.verbose = True
         self.log_path: Path | None = None
+        self.log_is_temporary = False  # still in the temp dir: the job has not said where its outputs go
+        self.log_shown = False  # its path was printed
 
     def start(self, job: str, verbose: bool = False) -> None:
         """Take over fd 1/2 (unless verbose) and set up logging for `job`."""
@@ -71,6 +74,7 @@ class Console:
         self.err = os.fdopen(os.dup(2), "w", buffering=1)
         fd, path = tempfile.mkstemp(prefix=f"vlmtune-{job}-", suffix=".log")
         self._redirect(fd, Path(path))
+        self.log_is_temporary = True
         file_handler = logging.StreamHandler(sys.stderr)  # fd 2, the log file
         file_handler.setFormatter(logging.Formatter(FORMAT))
         console_handler = logging.StreamHandler(self.err)
@@ -103,8 +107,24 @@ class Console:
             shutil.copyfileobj(src, dst)
         self._redirect(os.open(path, os.O_WRONLY | os.O_APPEND), path)
         previous.unlink()
+        self.log_is_temporary = False
         self.say(f"log: {path}")
+        self.log_shown = True
         return path
+
+    def close(self) -> None:
+        """At the job's end: a log still in the temp dir (the job ended before it knew where its outputs go: a
+        config error, `train.py --plan`) is removed when nothing was written to it, else its path is printed:
+        no job leaves a file behind unsaid."""
+        if self.verbose or self.log_path is None or not self.log_is_temporary:
+            return
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if self.log_path.stat().st_size == 0:
+            self.log_path.unlink()
+        elif not self.log_shown:
+            self.say(f"log: {self.log_path}")
+            self.log_shown = True
 
     def say(self, text: str = "") -> None:
         """A result line for the person running the job (stdout)."""
