@@ -98,7 +98,9 @@ def s3_server(tmp_path):
         deadline = time.time() + 60
         while True:
             try:
-                urllib.request.urlopen(urllib.request.Request(f"http://{endpoint}/vlmtune", method="PUT"), timeout=2)
+                # not listening yet: refused at once, and retried; listening: its first request imports moto's S3
+                # backend, which took over 2 s on a busy 2-core machine, so the answer is waited for
+                urllib.request.urlopen(urllib.request.Request(f"http://{endpoint}/vlmtune", method="PUT"), timeout=30)
                 break
             except (urllib.error.URLError, ConnectionError):
                 if time.time() > deadline or server.poll() is not None:
