@@ -160,7 +160,7 @@ def staging_dir(kind: str) -> Iterator[Path]:
     for other in {p.with_suffix("") for p in root.glob(f"vlmtune-staging-{kind}-*")}:
         _remove_if_abandoned(other)
     path = Path(tempfile.mkdtemp(prefix=f"vlmtune-staging-{kind}-", dir=root))
-    lock_path = path.with_name(path.name + ".lock")
+    lock_path = _lock_of(path)
     lock = os.open(lock_path, os.O_CREAT | os.O_WRONLY, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -174,7 +174,7 @@ def staging_dir(kind: str) -> Iterator[Path]:
 def _remove_if_abandoned(path: Path, grace_s: float = 60.0) -> None:
     """Remove a staging directory whose holder is gone: its lock is free, or it has had no lock file for
     `grace_s` (its creator makes the directory first, then the lock, within microseconds)."""
-    lock_path = path.with_name(path.name + ".lock")
+    lock_path = _lock_of(path)
     try:
         lock = os.open(lock_path, os.O_WRONLY)
     except FileNotFoundError:
@@ -190,6 +190,10 @@ def _remove_if_abandoned(path: Path, grace_s: float = 60.0) -> None:
     shutil.rmtree(path, ignore_errors=True)
     lock_path.unlink(missing_ok=True)
     os.close(lock)
+
+
+def _lock_of(staging: Path) -> Path:
+    return staging.with_name(staging.name + ".lock")
 
 
 def sha256_file(url: str | Path, chunk: int = 1 << 20) -> str:
