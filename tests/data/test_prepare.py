@@ -183,6 +183,7 @@ def test_killed_prepare_resumes_to_the_same_shards(ray_local, server, tmp_path, 
     assert len(finished_ids) >= 12
 
     server.hits.clear()
+    server.delay_s = 0  # slow only to be interrupted
     rerun = subprocess.run([*cmd, f"data.shards.dir={killed}"], env=env, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     refetched = {Path(path).stem for path in server.hits}
