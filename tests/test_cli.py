@@ -83,6 +83,9 @@ def test_a_bug_keeps_its_traceback_and_exits_1(tmp_path):
     done = run(str(script), str(tmp_path / "logs"), env={"BUG": "1"})
     assert done.returncode == 1
     assert "Traceback" in done.stderr and "RuntimeError: a bug" in done.stderr
+    (log,) = (tmp_path / "logs").glob("probe-*.log")
+    assert done.stderr.rstrip().endswith(f"(log: {log})")  # below the traceback, where the reader is looking
+    assert done.stdout.count(f"log: {log}") == 1  # once when the log got its place, not again at the end
 
 
 def test_a_run_stopped_on_request_exits_75_for_launchers_that_retry(tmp_path):

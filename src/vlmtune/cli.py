@@ -70,9 +70,7 @@ def run_job(name: str, parser: argparse.ArgumentParser, main: Callable[[argparse
         return 130
     except Exception:
         console.error(traceback.format_exc().rstrip())
-        if console.log_path:
-            console.error(f"(log: {console.log_path})")
-            console.log_shown = True
+        console.show_log(after_error=True)
         return 1
     finally:
         console.close()

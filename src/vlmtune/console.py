@@ -108,9 +108,19 @@ class Console:
         self._redirect(os.open(path, os.O_WRONLY | os.O_APPEND), path)
         previous.unlink()
         self.log_is_temporary = False
-        self.say(f"log: {path}")
-        self.log_shown = True
+        self.show_log()
         return path
+
+    def show_log(self, after_error: bool = False) -> None:
+        """Print the log's path: once as a result line, and on stderr below an error's traceback, where the
+        reader is looking."""
+        if self.log_path is None or (self.log_shown and not after_error):
+            return
+        if after_error:
+            self.error(f"(log: {self.log_path})")
+        else:
+            self.say(f"log: {self.log_path}")
+        self.log_shown = True
 
     def close(self) -> None:
         """At the job's end: a log still in the temp dir (the job ended before it knew where its outputs go: a
@@ -122,9 +132,8 @@ class Console:
         sys.stderr.flush()
         if self.log_path.stat().st_size == 0:
             self.log_path.unlink()
-        elif not self.log_shown:
-            self.say(f"log: {self.log_path}")
-            self.log_shown = True
+        else:
+            self.show_log()
 
     def say(self, text: str = "") -> None:
         """A result line for the person running the job (stdout)."""
