@@ -20,8 +20,8 @@ from vlmtune import runs
 from vlmtune.tracking import read_metrics
 
 REPO = Path(__file__).resolve().parents[2]
-# More steps than the run needs to get through a node's loss and return on a slow machine (at ~7 steps/s, ~90
-# steps passed on one worker, 30 on a quiet one): the test stops it once it has grown back (see the docstring).
+# More steps than the run needs to get through a node's loss and return on a slow machine (at ~7 steps/s, 30 to
+# ~105 steps passed on one worker in runs so far): the test stops it once it has grown back (see the docstring).
 STEPS = 400
 STEPS_AFTER_GROWING = 3  # steps trained on two workers again before the SIGTERM
 pytestmark = pytest.mark.slow
@@ -44,8 +44,10 @@ def wait_for(what: str, check, driver: subprocess.Popen, log: Path, timeout: flo
 
 
 def last_step(run: Path) -> int:
-    return max((r["step"] for r in read_metrics(run) if "loss" in r), default=0) if (run / "metrics.jsonl").exists() \
-        else 0
+    """The last step logged so far (0 before the first)."""
+    if not (run / "metrics.jsonl").exists():
+        return 0
+    return max((r["step"] for r in read_metrics(run) if "loss" in r), default=0)
 
 
 def test_an_elastic_run_continues_without_a_lost_node_and_grows_back(sample_shards, tmp_path):
