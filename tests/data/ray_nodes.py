@@ -4,6 +4,10 @@ Both nodes run on this machine, each with its own raylet and object store, as `r
 Each runs with `--block` in its own process session and is killed with it (never `ray stop`, which would
 also stop the test session's own cluster). No dashboard: nothing here submits jobs, and the nodes come up in
 seconds. Ray's socket paths must stay under 107 bytes, so the session directory is a short one under /tmp.
+
+`ray start` gives a node's raylet a fixed 30 s to register with the GCS; on two busy cores it can miss that
+and exit. `wait` then starts that node again (fresh agent ports, the same GCS port) and says so in its log, as
+an operator's retry loop would.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from tests.train.ray_cluster import free_port, kill_process_group
@@ -20,61 +25,84 @@ from tests.train.ray_cluster import free_port, kill_process_group
 WAIT_FOR_NODES = """
 import sys, time, ray
 ray.init(address=sys.argv[1], log_to_driver=False)
-deadline = time.time() + 120
+deadline = time.time() + 180
 while sum(n["Alive"] for n in ray.nodes()) < int(sys.argv[2]):
     if time.time() > deadline:
         sys.exit(f"only {sum(n['Alive'] for n in ray.nodes())} of {sys.argv[2]} nodes joined")
     time.sleep(0.2)
 """
+NODE_RESTARTS = 2  # per node and `wait`: a node whose `ray start` exited is started again this often
 
 
 class TwoNodeCluster:
     def __init__(self, tmp: Path, cpus_per_node: int = 1):
         self.port = free_port()
         self.temp_dir = tempfile.mkdtemp(prefix="raynodes-", dir="/tmp")
-        # a lost node is declared dead after ~5 s of failed health checks instead of Ray's ~15-30 s
+        # a lost node is declared dead after ~5 s of failed health checks instead of Ray's ~15-30 s; token auth
+        # said outright, so that nodes and drivers agree (with the mode unset, each process decides by itself)
         self.env = dict(os.environ, RAY_ADDRESS=f"127.0.0.1:{self.port}", RAY_health_check_period_ms="1000",
-                        RAY_health_check_failure_threshold="5")
-        ray = str(Path(sys.executable).parent / "ray")
+                        RAY_health_check_failure_threshold="5", RAY_AUTH_MODE="token")
+        self.ray = str(Path(sys.executable).parent / "ray")
+        self.cpus_per_node = cpus_per_node
+        self.logs = {name: tmp / f"ray-{name}.log" for name in ("head", "worker")}
+        self.nodes: dict[str, subprocess.Popen] = {}
 
-        def node_args() -> list[str]:  # every node needs agent ports of its own (the defaults are taken)
-            return ["--block", "--node-ip-address=127.0.0.1", f"--num-cpus={cpus_per_node}", "--disable-usage-stats",
-                    f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-                    f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+    def _command(self, name: str) -> list[str]:
+        """`ray start` for the head or the worker node, with agent ports of its own (the session's cluster holds
+        Ray's default ones)."""
+        if name == "head":
+            role = ["--head", f"--port={self.port}", "--include-dashboard=false",
+                    f"--ray-client-server-port={free_port()}", f"--temp-dir={self.temp_dir}"]
+        else:
+            role = [f"--address=127.0.0.1:{self.port}"]
+        return [self.ray, "start", *role, "--block", "--node-ip-address=127.0.0.1", f"--num-cpus={self.cpus_per_node}",
+                "--disable-usage-stats", f"--dashboard-agent-listen-port={free_port()}",
+                f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
+                f"--runtime-env-agent-port={free_port()}"]
 
-        self.commands = {
-            "head": [ray, "start", "--head", f"--port={self.port}", "--include-dashboard=false",
-                     f"--ray-client-server-port={free_port()}", f"--temp-dir={self.temp_dir}", *node_args()],
-            "worker": [ray, "start", f"--address=127.0.0.1:{self.port}", *node_args()],
-        }
-        self.logs = {name: tmp / f"ray-{name}.log" for name in self.commands}
-        self.procs: list[subprocess.Popen] = []
+    def _start(self, name: str) -> None:
+        self.nodes[name] = subprocess.Popen(self._command(name), env=self.env, stdout=self.logs[name].open("a"),
+                                            stderr=subprocess.STDOUT, start_new_session=True)
 
     def __enter__(self) -> TwoNodeCluster:
         """Start both nodes without waiting for them (see `wait`): the caller can do other work meanwhile."""
-        for name, cmd in self.commands.items():  # the worker node waits for the head's GCS by itself
-            self.procs.append(subprocess.Popen(cmd, env=self.env, stdout=self.logs[name].open("w"),
-                                               stderr=subprocess.STDOUT, start_new_session=True))
+        self._start("head")
+        self._start("worker")  # it waits for the head's GCS by itself
         return self
 
     def wait(self, nodes: int = 2) -> None:
-        """Return once `nodes` nodes are alive in the cluster."""
-        joined = subprocess.run([sys.executable, "-c", WAIT_FOR_NODES, self.env["RAY_ADDRESS"], str(nodes)],
-                                env=self.env, capture_output=True, text=True, timeout=180)
-        if joined.returncode:
-            logs = "\n".join(log.read_text()[-1500:] for log in self.logs.values())
-            raise RuntimeError(f"{joined.stderr[-1000:]}\n{logs}")
+        """Return once `nodes` nodes are alive in the cluster, starting again any node whose start failed."""
+        waiter = subprocess.Popen([sys.executable, "-c", WAIT_FOR_NODES, self.env["RAY_ADDRESS"], str(nodes)],
+                                  env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        restarts = dict.fromkeys(self.nodes, 0)
+        try:
+            while waiter.poll() is None:
+                for name, proc in self.nodes.items():
+                    if proc.poll() is not None and restarts[name] < NODE_RESTARTS:
+                        with self.logs[name].open("a") as log:
+                            log.write(f"\n--- `ray start` exited ({proc.returncode}): starting the node again\n")
+                        kill_process_group(proc)
+                        self._start(name)
+                        restarts[name] += 1
+                time.sleep(0.5)
+        finally:
+            if waiter.poll() is None:
+                waiter.kill()
+        if waiter.returncode:
+            raise RuntimeError(f"{waiter.stdout.read()[-1000:]}\n{self._log_tails()}")
+
+    def _log_tails(self) -> str:
+        return "\n".join(f"[{name}] {log.read_text()[-1500:]}" for name, log in self.logs.items())
 
     def kill_worker_node(self) -> None:
         """SIGKILL the worker node and everything it runs, as when a host is lost."""
-        kill_process_group(self.procs.pop())
+        kill_process_group(self.nodes.pop("worker"))
 
     def start_worker_node(self) -> None:
-        """A worker node (again): a replacement host joining the cluster."""
-        self.procs.append(subprocess.Popen(self.commands["worker"], env=self.env, stdout=self.logs["worker"].open("a"),
-                                           stderr=subprocess.STDOUT, start_new_session=True))
+        """A worker node again: a replacement host joining the cluster (`wait` for it to join)."""
+        self._start("worker")
 
     def __exit__(self, *exc) -> None:
-        for proc in self.procs:
+        for proc in self.nodes.values():
             kill_process_group(proc)
         shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -71,6 +71,7 @@ def test_an_elastic_run_continues_without_a_lost_node_and_grows_back(sample_shar
             cluster.kill_worker_node()
             wait_for("an attempt on one worker", lambda: starts(run)[-1]["workers"] == 1, driver, log)
             cluster.start_worker_node()
+            cluster.wait()
             wait_for("the run to grow back", lambda: starts(run)[-1]["workers"] == 2, driver, log)
             grown_at = starts(run)[-1]["start_step"]
             wait_for("steps on two workers again", lambda: last_step(run) >= grown_at + STEPS_AFTER_GROWING, driver,
