@@ -5,9 +5,9 @@ Each runs with `--block` in its own process session and is killed with it (never
 also stop the test session's own cluster). No dashboard: nothing here submits jobs, and the nodes come up in
 seconds. Ray's socket paths must stay under 107 bytes, so the session directory is a short one under /tmp.
 
-`ray start` gives a node's raylet a fixed 30 s to register with the GCS; on two busy cores it can miss that
-and exit. `wait` then starts that node again (fresh agent ports, the same GCS port) and says so in its log, as
-an operator's retry loop would.
+`ray start` gives a node's raylet a fixed 30 s to register with the GCS; on two busy cores a worker node
+can miss that and exit. `wait` then starts it again (fresh agent ports) and says so in its log, as an
+operator's retry loop would. A head that exits ends `wait` at once, with both nodes' logs.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ while sum(n["Alive"] for n in ray.nodes()) < int(sys.argv[2]):
         sys.exit(f"only {sum(n['Alive'] for n in ray.nodes())} of {sys.argv[2]} nodes joined")
     time.sleep(0.2)
 """
-NODE_RESTARTS = 2  # per node and `wait`: a node whose `ray start` exited is started again this often
+WORKER_RESTARTS = 2  # per `wait`: a worker node whose `ray start` exited is started again this often
 
 
 class TwoNodeCluster:
@@ -71,19 +71,21 @@ class TwoNodeCluster:
         return self
 
     def wait(self, nodes: int = 2) -> None:
-        """Return once `nodes` nodes are alive in the cluster, starting again any node whose start failed."""
+        """Return once `nodes` nodes are alive in the cluster, starting the worker node again if its start failed."""
         waiter = subprocess.Popen([sys.executable, "-c", WAIT_FOR_NODES, self.env["RAY_ADDRESS"], str(nodes)],
                                   env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        restarts = dict.fromkeys(self.nodes, 0)
+        restarts = 0
         try:
             while waiter.poll() is None:
-                for name, proc in self.nodes.items():
-                    if proc.poll() is not None and restarts[name] < NODE_RESTARTS:
-                        with self.logs[name].open("a") as log:
-                            log.write(f"\n--- `ray start` exited ({proc.returncode}): starting the node again\n")
-                        kill_process_group(proc)
-                        self._start(name)
-                        restarts[name] += 1
+                if self.nodes["head"].poll() is not None:
+                    raise RuntimeError(f"the head node exited ({self.nodes['head'].returncode}):\n{self._log_tails()}")
+                worker = self.nodes.get("worker")
+                if worker is not None and worker.poll() is not None and restarts < WORKER_RESTARTS:
+                    with self.logs["worker"].open("a") as log:
+                        log.write(f"\n--- `ray start` exited ({worker.returncode}): starting the node again\n")
+                    kill_process_group(worker)
+                    self._start("worker")
+                    restarts += 1
                 time.sleep(0.5)
         finally:
             if waiter.poll() is None:
