@@ -5,8 +5,9 @@ Each runs with `--block` in its own process session and is killed with it (never
 also stop the test session's own cluster). No dashboard: nothing here submits jobs, and the nodes come up in
 seconds. Ray's socket paths must stay under 107 bytes, so the session directory is a short one under /tmp.
 
-`ray start` gives a node's raylet a fixed 30 s to register with the GCS; on two busy cores a worker node
-can miss that and exit. `wait` then starts it again (fresh agent ports) and says so in its log, as an
+A worker node joins once the head's GCS accepts connections: a worker started alongside the head could
+find no node record for itself and wait out the fixed 30 s `ray start` gives a raylet to register. If a
+worker's `ray start` still exits, `wait` starts it again (fresh agent ports) and says so in its log, as an
 operator's retry loop would. A head that exits ends `wait` at once, with both nodes' logs.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -65,13 +67,29 @@ class TwoNodeCluster:
                                             stderr=subprocess.STDOUT, start_new_session=True)
 
     def __enter__(self) -> TwoNodeCluster:
-        """Start both nodes without waiting for them (see `wait`): the caller can do other work meanwhile."""
+        """Start the head without waiting for it: the caller can do other work meanwhile (`wait` adds the worker)."""
         self._start("head")
-        self._start("worker")  # it waits for the head's GCS by itself
         return self
 
+    def _wait_for_gcs(self) -> None:
+        """Return once the head's GCS port accepts connections, as slurm/ray-cluster.sh waits before its workers."""
+        deadline = time.monotonic() + 120
+        while True:
+            if self.nodes["head"].poll() is not None:
+                raise RuntimeError(f"the head node exited ({self.nodes['head'].returncode}):\n{self._log_tails()}")
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the head's GCS did not open port {self.port}:\n{self._log_tails()}")
+            time.sleep(0.2)
+
     def wait(self, nodes: int = 2) -> None:
-        """Return once `nodes` nodes are alive in the cluster, starting the worker node again if its start failed."""
+        """Return once `nodes` nodes are alive in the cluster: the worker node is started once the head's GCS
+        listens (the first time), and started again if its start failed."""
+        if "worker" not in self.nodes:
+            self._wait_for_gcs()
+            self._start("worker")
         waiter = subprocess.Popen([sys.executable, "-c", WAIT_FOR_NODES, self.env["RAY_ADDRESS"], str(nodes)],
                                   env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         restarts = 0
