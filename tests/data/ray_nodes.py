@@ -75,8 +75,7 @@ class TwoNodeCluster:
         """Return once the head's GCS port accepts connections, as slurm/ray-cluster.sh waits before its workers."""
         deadline = time.monotonic() + 120
         while True:
-            if self.nodes["head"].poll() is not None:
-                raise RuntimeError(f"the head node exited ({self.nodes['head'].returncode}):\n{self._log_tails()}")
+            self._check_head()
             with socket.socket() as probe:
                 if probe.connect_ex(("127.0.0.1", self.port)) == 0:
                     return
@@ -95,10 +94,9 @@ class TwoNodeCluster:
         restarts = 0
         try:
             while waiter.poll() is None:
-                if self.nodes["head"].poll() is not None:
-                    raise RuntimeError(f"the head node exited ({self.nodes['head'].returncode}):\n{self._log_tails()}")
-                worker = self.nodes.get("worker")
-                if worker is not None and worker.poll() is not None and restarts < WORKER_RESTARTS:
+                self._check_head()
+                worker = self.nodes["worker"]
+                if worker.poll() is not None and restarts < WORKER_RESTARTS:
                     with self.logs["worker"].open("a") as log:
                         log.write(f"\n--- `ray start` exited ({worker.returncode}): starting the node again\n")
                     kill_process_group(worker)
@@ -110,6 +108,11 @@ class TwoNodeCluster:
                 waiter.kill()
         if waiter.returncode:
             raise RuntimeError(f"{waiter.stdout.read()[-1000:]}\n{self._log_tails()}")
+
+    def _check_head(self) -> None:
+        head = self.nodes["head"]
+        if head.poll() is not None:
+            raise RuntimeError(f"the head node exited ({head.returncode}):\n{self._log_tails()}")
 
     def _log_tails(self) -> str:
         return "\n".join(f"[{name}] {log.read_text()[-1500:]}" for name, log in self.logs.items())

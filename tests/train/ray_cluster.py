@@ -51,25 +51,13 @@ class RayHead:
                     f"--temp-dir={self.temp_dir}"]
         self.log = tmp / "ray-head.log"
 
-    def _start(self) -> None:
-        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self.log.open("a"), stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-
     def __enter__(self) -> RayHead:
-        """Start the head and wait for its dashboard. `ray start` gives the raylet a fixed 30 s to register with
-        the GCS; on two busy cores it can miss that and exit: then it is started once more."""
-        self._start()
-        restarted = False
-        deadline = time.time() + 180
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self.log.open("w"), stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.time() + 120
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                if restarted:
-                    raise RuntimeError(f"ray start exited: {self.log.read_text()[-2000:]}")
-                with self.log.open("a") as log:
-                    log.write(f"\n--- `ray start` exited ({self.proc.returncode}): starting the head again\n")
-                kill_process_group(self.proc)
-                self._start()
-                restarted = True
+                raise RuntimeError(f"ray start exited: {self.log.read_text()[-2000:]}")
             try:
                 urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=2)
                 return self
