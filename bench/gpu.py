@@ -19,8 +19,9 @@ runtime's (bench/train_step.py measures vlmtune's overhead over a bare loop).
 
 MFU is against the device's bf16 matmul peak measured first (a large `torch.matmul` loop), and against the
 data-sheet peak where the device is known (train/metrics.PEAK_BF16_TFLOPS). A combination that runs out of
-memory is recorded as such and the others go on. Results: a table on stdout and a JSON file (default
-outputs/bench/gpu-<time>.json).
+memory or fails is recorded as such and the others go on; past `--time-limit` the rest are recorded as
+skipped. Results: a table on stdout and a JSON file (default outputs/bench/gpu-<time>.json), rewritten after
+every combination so that a run cut off by its machine's time limit keeps what it measured.
 """
 
 from __future__ import annotations
@@ -175,6 +176,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=48)
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--crops", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--training", nargs="+", choices=["lora", "full"], default=["lora", "full"])
+    parser.add_argument("--time-limit", type=float, default=480.0,
+                        help="seconds after which the remaining combinations are recorded as skipped")
     args = parser.parse_args()
     check_imports()
 
@@ -203,15 +207,25 @@ def main() -> None:
     sheet = peak_flops(device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(f"{gpu}: measured bf16 matmul peak {measured / 1e12:.1f} TFLOP/s"
-          + (f" (data sheet {sheet / 1e12:.0f})" if sheet else ""))
+          + (f" (data sheet {sheet / 1e12:.0f})" if sheet else "")
+          + f"; torch {torch.__version__}, transformers {importlib.import_module('transformers').__version__}",
+          flush=True)
 
     torch.manual_seed(0)
     results = []
     began = time.perf_counter()
+    out = Path(args.out or f"outputs/bench/gpu-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {"device": gpu, "torch": torch.__version__, "cuda": torch.version.cuda,
+              "transformers": importlib.import_module("transformers").__version__,
+              "peft": importlib.import_module("peft").__version__, "model": name, "dtype": "bfloat16",
+              "measured_peak_tflops": measured / 1e12, "datasheet_peak_tflops": sheet / 1e12 if sheet else None,
+              "steps": args.steps, "warmup": args.warmup, "gradient_checkpointing": args.gradient_checkpointing,
+              "results": results}
     with tempfile.TemporaryDirectory() as workdir:
         raw = catalog_samples(args.samples, workdir)
         encoded_by_crops: dict[int, list[dict]] = {}
-        for training in ("lora", "full"):
+        for training in args.training:
             for attn in attns:
                 cfg = load_config(overrides=[f"model.name_or_path={name}", f"model.attn_implementation={attn}",
                                              f"model.lora.enabled={training == 'lora'}",
@@ -235,28 +249,32 @@ def main() -> None:
                                 "micro_batch": args.micro_batch if mode == "pad" else None,
                                 "max_tokens": max_tokens if mode == "packed" else None,
                                 "tokens_per_sample": statistics.mean(lengths)}
-                        batches = micro_batches(encoded, mode, args.micro_batch, max_tokens, long_from,
-                                                processor.tokenizer.pad_token_id)
-                        try:
-                            case.update(run_case(model, flops, batches, device, args.steps, args.warmup))
-                            case["mfu"] = case["tflops"] * 1e12 / measured
-                            if sheet:
-                                case["mfu_datasheet"] = case["tflops"] * 1e12 / sheet
-                        except torch.cuda.OutOfMemoryError:
-                            case["error"] = "out of memory"
-                        model.zero_grad(set_to_none=True)
+                        if time.perf_counter() - began > args.time_limit:
+                            case["error"] = f"skipped: past --time-limit {args.time_limit:.0f} s"
+                        else:
+                            batches = micro_batches(encoded, mode, args.micro_batch, max_tokens, long_from,
+                                                    processor.tokenizer.pad_token_id)
+                            try:
+                                case.update(run_case(model, flops, batches, device, args.steps, args.warmup))
+                                case["mfu"] = case["tflops"] * 1e12 / measured
+                                if sheet:
+                                    case["mfu_datasheet"] = case["tflops"] * 1e12 / sheet
+                            except torch.cuda.OutOfMemoryError:
+                                case["error"] = "out of memory"
+                            except Exception as e:  # one broken combination must not lose the others' numbers
+                                case["error"] = f"{type(e).__name__}: {e}"[:400]
+                            model.zero_grad(set_to_none=True)
+                            if device.type == "cuda":
+                                torch.cuda.empty_cache()
                         results.append(case)
+                        report["seconds"] = time.perf_counter() - began
+                        out.write_text(json.dumps(report, indent=2))  # a run cut off keeps its numbers
                         print(describe(case), flush=True)
                 del model
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
 
-    report = {"device": gpu, "torch": torch.__version__, "model": name, "dtype": "bfloat16",
-              "measured_peak_tflops": measured / 1e12, "datasheet_peak_tflops": sheet / 1e12 if sheet else None,
-              "steps": args.steps, "warmup": args.warmup, "gradient_checkpointing": args.gradient_checkpointing,
-              "seconds": time.perf_counter() - began, "results": results}
-    out = Path(args.out or f"outputs/bench/gpu-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    report["seconds"] = time.perf_counter() - began
     out.write_text(json.dumps(report, indent=2))
     print(f"\n{name}, bf16, {gpu}, peak {measured / 1e12:.1f} TFLOP/s measured; {report['seconds']:.0f} s")
     print(f"{'training':<9}{'attn':<19}{'crops':>6}{'batching':>9}{'tok/sample':>11}{'img/s':>8}{'tokens/s':>10}"

@@ -3,7 +3,8 @@
 # num_crops 4 and 16, sdpa and flash-attn (when importable), pad and packed batching. About 8 minutes on
 # an H100/H200. Writes a JSON file (--out FILE, default outputs/bench/gpu-<time>.json) and prints a table.
 #
-#   bench/gpu.sh [--out FILE] [--steps 8] [--micro-batch 4] [--gradient-checkpointing]
+#   bench/gpu.sh [--out FILE] [--steps 8] [--micro-batch 4] [--gradient-checkpointing] [--training lora full]
+#                [--crops 4 16] [--time-limit 480]
 #   bench/gpu.sh --device cpu --tiny          # smoke test of the same code on CPU
 #
 # Installs and downloads nothing: it runs the repository's src/ with the first python3 on PATH (or $PYTHON),
@@ -18,4 +19,6 @@ if ! command -v "$PYTHON" >/dev/null 2>&1; then
 fi
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# Micro-batches change shape every step: growable segments keep the caching allocator from fragmenting.
+export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}"
 exec "$PYTHON" bench/gpu.py "$@"
