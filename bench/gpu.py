@@ -122,7 +122,9 @@ def micro_batches(encoded: list[dict], mode: str, micro_batch: int, max_tokens: 
     return out
 
 
-def run_case(model, flops, batches, device, steps: int, warmup: int) -> dict:
+def run_case(model, flops, batches, device, steps: int, warmup: int, profile: Path | None = None) -> dict:
+    """Time `steps` optimizer steps after `warmup` untimed ones; with `profile`, two more steps under
+    torch.profiler, whose busiest operators are appended to that file."""
     import torch
 
     from vlmtune.data.collate import IGNORE_INDEX
@@ -133,36 +135,70 @@ def run_case(model, flops, batches, device, steps: int, warmup: int) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    images = tokens = positions = 0
-    total_flops = 0.0
-    began = 0.0
-    for i in range(warmup + steps):
-        if i == warmup:
-            sync()
-            began = time.perf_counter()
+
+    def step(i: int) -> tuple[list[int], int, int, float]:
         inputs, samples = batches[i % len(batches)]
+        lengths = [len(s["input_ids"]) for s in samples]
         answer = sum(int((s["labels"][1:] != IGNORE_INDEX).sum()) for s in samples)
+        step_flops = flops.step_flops(lengths, inputs["image_sizes"])  # from the CPU copy: no device sync
         inputs = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in inputs.items()}
         loss = model(**inputs, num_items_in_batch=torch.tensor(float(answer), device=device)).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if i >= warmup:
-            lengths = [len(s["input_ids"]) for s in samples]
-            images += int(inputs["image_sizes"].shape[0])
-            tokens += sum(lengths)
-            positions += inputs["input_ids"].numel()
-            total_flops += flops.step_flops(lengths, inputs["image_sizes"].cpu())
+        return lengths, int(inputs["image_sizes"].shape[0]), inputs["input_ids"].numel(), step_flops
+
+    for i in range(warmup):
+        step(i)
+    sync()
+    images = tokens = positions = 0
+    total_flops = 0.0
+    began = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        lengths, step_images, step_positions, step_flops = step(i)
+        images, tokens = images + step_images, tokens + sum(lengths)
+        positions, total_flops = positions + step_positions, total_flops + step_flops
     sync()
     seconds = time.perf_counter() - began
-    del optimizer
     result = {"step_s": seconds / steps, "img_per_s": images / seconds, "tokens_per_s": tokens / seconds,
               "tflops": total_flops / seconds / 1e12, "padding_share": 1 - tokens / positions,
               "tokens_per_step": tokens / steps}
     if device.type == "cuda":
         result["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if profile is not None:
+        result.update(profile_steps(step, warmup + steps, device, sync, profile))
     return result
+
+
+def profile_steps(step, first: int, device, sync, path: Path, count: int = 2) -> dict:
+    """Two steps under torch.profiler: the operators with the most time on the device (CPU time on a CPU
+    device) appended to `path`, and the share of the wall time the device spent running kernels (low
+    when the Python side cannot launch work fast enough)."""
+    import torch
+
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities) as prof:
+        began = time.perf_counter()
+        for i in range(first, first + count):
+            step(i)
+        sync()
+        wall = time.perf_counter() - began
+    events = prof.key_averages()
+    if device.type == "cuda":  # kernels only: their launching operators report the same time again
+        key, what = "self_device_time_total", "kernels"
+        kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+                   and not getattr(e, "is_user_annotation", False)]
+        busy = sum(e.self_device_time_total for e in kernels) / 1e6
+    else:
+        key, what = "self_cpu_time_total", "operators"
+        busy = sum(e.self_cpu_time_total for e in events) / 1e6
+    table = events.table(sort_by=key, row_limit=25, max_name_column_width=60)
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(f"{count} steps, {wall:.3f} s wall, {busy:.3f} s in {what}\n{table}\n")
+    return {"profiled_wall_s": wall, "profiled_busy_share": busy / wall}
 
 
 def main() -> None:
@@ -177,6 +213,8 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--crops", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--training", nargs="+", choices=["lora", "full"], default=["lora", "full"])
+    parser.add_argument("--profile", action="store_true",
+                        help="profile two extra steps per combination (operator tables in <out>-profile.txt)")
     parser.add_argument("--time-limit", type=float, default=480.0,
                         help="seconds after which the remaining combinations are recorded as skipped")
     args = parser.parse_args()
@@ -216,6 +254,9 @@ def main() -> None:
     began = time.perf_counter()
     out = Path(args.out or f"outputs/bench/gpu-{time.strftime('%Y%m%d-%H%M%S')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
+    profile_path = out.with_name(f"{out.stem}-profile.txt")
+    if args.profile:
+        profile_path.write_text(f"torch.profiler tables of bench/gpu.py, {gpu}\n", encoding="utf-8")
     report = {"device": gpu, "torch": torch.__version__, "cuda": torch.version.cuda,
               "transformers": importlib.import_module("transformers").__version__,
               "peft": importlib.import_module("peft").__version__, "model": name, "dtype": "bfloat16",
@@ -232,6 +273,8 @@ def main() -> None:
                                              f"model.gradient_checkpointing={args.gradient_checkpointing}",
                                              "model.freeze.vision_tower=false", "model.max_length=8192"])
                 model, processor = prepare_model(cfg.model, dtype, random_init=True, device=args.device)
+                for parameter in model.parameters():  # DeepSpeed's bf16 mode casts every parameter, LoRA's too
+                    parameter.data = parameter.data.to(dtype)
                 model.to(device).train()
                 flops = FlopCounter.for_model(model)
                 long_from = model.config.original_max_position_embeddings
@@ -254,8 +297,12 @@ def main() -> None:
                         else:
                             batches = micro_batches(encoded, mode, args.micro_batch, max_tokens, long_from,
                                                     processor.tokenizer.pad_token_id)
+                            if args.profile:
+                                with profile_path.open("a", encoding="utf-8") as fh:
+                                    fh.write(f"\n== {training} {attn} num_crops={crops} {mode}: ")
                             try:
-                                case.update(run_case(model, flops, batches, device, args.steps, args.warmup))
+                                case.update(run_case(model, flops, batches, device, args.steps, args.warmup,
+                                                     profile_path if args.profile else None))
                                 case["mfu"] = case["tflops"] * 1e12 / measured
                                 if sheet:
                                     case["mfu_datasheet"] = case["tflops"] * 1e12 / sheet
