@@ -1,6 +1,6 @@
 """Training throughput of the real Phi-3-Vision on one GPU: img/s, tokens/s, MFU and peak memory.
 
-    bench/gpu.sh [--out FILE.json] [--steps 8] [--warmup 2] [--micro-batch 4]      (one GPU, ≤ 8 min)
+    bench/gpu.sh [--out FILE.json] [--steps 8] [--warmup N] [--micro-batch 4]      (one GPU, ≤ 8 min)
     bench/gpu.sh --device cpu --tiny                                               (CPU smoke test, ~1 min)
 
 For each combination of LoRA / full fine-tune, `num_crops` 4 / 16, sdpa / flash-attn (flash-attn only when
@@ -122,9 +122,14 @@ def micro_batches(encoded: list[dict], mode: str, micro_batch: int, max_tokens: 
     return out
 
 
-def run_case(model, flops, batches, device, steps: int, warmup: int, profile: Path | None = None) -> dict:
-    """Time `steps` optimizer steps after `warmup` untimed ones; with `profile`, two more steps under
-    torch.profiler, whose busiest operators are appended to that file."""
+def run_case(model, flops, batches, device, steps: int, warmup: int | None, profile: Path | None = None) -> dict:
+    """Time `steps` optimizer steps after `warmup` untimed ones (None: every micro-batch once); with
+    `profile`, two more steps under torch.profiler, whose busiest operators are appended to that file.
+
+    Why a whole pass of warm-up by default: on a GPU the first step at a new sequence length pays one-off
+    costs (cuDNN builds an attention plan per shape, kernels load on first use), ~0.1-0.2 s a step on an
+    H200 at real size. A long run pays them once per distinct length and then never again; a short timing
+    that met mostly new lengths would charge them to every step."""
     import torch
 
     from vlmtune.data.collate import IGNORE_INDEX
@@ -149,6 +154,7 @@ def run_case(model, flops, batches, device, steps: int, warmup: int, profile: Pa
         optimizer.zero_grad(set_to_none=True)
         return lengths, int(inputs["image_sizes"].shape[0]), inputs["input_ids"].numel(), step_flops
 
+    warmup = len(batches) if warmup is None else warmup
     for i in range(warmup):
         step(i)
     sync()
@@ -161,8 +167,9 @@ def run_case(model, flops, batches, device, steps: int, warmup: int, profile: Pa
         positions, total_flops = positions + step_positions, total_flops + step_flops
     sync()
     seconds = time.perf_counter() - began
-    result = {"step_s": seconds / steps, "img_per_s": images / seconds, "tokens_per_s": tokens / seconds,
-              "tflops": total_flops / seconds / 1e12, "padding_share": 1 - tokens / positions,
+    result = {"warmup_steps": warmup, "step_s": seconds / steps, "img_per_s": images / seconds,
+              "tokens_per_s": tokens / seconds, "tflops": total_flops / seconds / 1e12,
+              "padding_share": 1 - tokens / positions,
               "tokens_per_step": tokens / steps}
     if device.type == "cuda":
         result["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -207,7 +214,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="tiny-phi3v instead of the real size (smoke test)")
     parser.add_argument("--steps", type=int, default=8, help="timed optimizer steps per combination")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=None,
+                        help="untimed steps first (default: one per micro-batch, so every shape was seen)")
     parser.add_argument("--micro-batch", type=int, default=4, help="samples per pad micro-batch")
     parser.add_argument("--samples", type=int, default=48)
     parser.add_argument("--gradient-checkpointing", action="store_true")
