@@ -1,6 +1,6 @@
 """Training throughput of the real Phi-3-Vision on one GPU: img/s, tokens/s, MFU and peak memory.
 
-    bench/gpu.sh [--out FILE.json] [--steps 8] [--warmup N] [--micro-batch 4]      (one GPU, ≤ 8 min)
+    bench/gpu.sh [--out FILE.json] [--steps 8] [--warmup N] [--micro-batch 4]      (one GPU, ~2.5 min)
     bench/gpu.sh --device cpu --tiny                                               (CPU smoke test, ~1 min)
 
 For each combination of LoRA / full fine-tune, `num_crops` 4 / 16, sdpa / flash-attn (flash-attn only when

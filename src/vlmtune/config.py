@@ -116,7 +116,10 @@ class BatchingConfig(_Section):
 
     pad: `train.micro_batch_size` samples, padded to the longest. length: samples of similar length from a
     look-ahead buffer, as many as fit `max_tokens` once padded. packed: samples concatenated into one row of
-    at most `max_tokens`, attention kept inside each sample (no padding at all).
+    at most `max_tokens`, attention kept inside each sample (no padding at all). Packing saves compute only
+    with `model.attn_implementation=flash_attention_2` (varlen kernels): with sdpa the block-diagonal mask
+    spans the whole row and attention costs as much as one sample of the row's length (on an H200, 15 to 27 %
+    fewer tokens/s than pad, docs/performance.md); there, `length` removes the padding at no such cost.
     """
 
     mode: Literal["pad", "length", "packed"] = "pad"
