@@ -122,9 +122,11 @@ def micro_batches(encoded: list[dict], mode: str, micro_batch: int, max_tokens: 
     return out
 
 
-def run_case(model, flops, batches, device, steps: int, warmup: int | None, profile: Path | None = None) -> dict:
+def run_case(model, flops, batches, device, steps: int, warmup: int | None, profile: Path | None = None,
+             label: str = "") -> dict:
     """Time `steps` optimizer steps after `warmup` untimed ones (None: every micro-batch once); with
-    `profile`, two more steps under torch.profiler, whose busiest operators are appended to that file.
+    `profile`, two more steps under torch.profiler, whose busiest operators are appended to that file
+    under `label`.
 
     Why a whole pass of warm-up by default: on a GPU the first step at a new sequence length pays one-off
     costs (cuDNN builds an attention plan per shape, kernels load on first use), ~0.1-0.2 s a step on an
@@ -174,11 +176,11 @@ def run_case(model, flops, batches, device, steps: int, warmup: int | None, prof
     if device.type == "cuda":
         result["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     if profile is not None:
-        result.update(profile_steps(step, warmup + steps, device, sync, profile))
+        result.update(profile_steps(step, warmup + steps, device, sync, profile, label))
     return result
 
 
-def profile_steps(step, first: int, device, sync, path: Path, count: int = 2) -> dict:
+def profile_steps(step, first: int, device, sync, path: Path, label: str, count: int = 2) -> dict:
     """Two steps under torch.profiler: the operators with the most time on the device (CPU time on a CPU
     device) appended to `path`, and the share of the wall time the device spent running kernels (low
     when the Python side cannot launch work fast enough)."""
@@ -204,7 +206,7 @@ def profile_steps(step, first: int, device, sync, path: Path, count: int = 2) ->
         busy = sum(e.self_cpu_time_total for e in events) / 1e6
     table = events.table(sort_by=key, row_limit=25, max_name_column_width=60)
     with path.open("a", encoding="utf-8") as fh:
-        fh.write(f"{count} steps, {wall:.3f} s wall, {busy:.3f} s in {what}\n{table}\n")
+        fh.write(f"\n== {label}: {count} steps, {wall:.3f} s wall, {busy:.3f} s in {what}\n{table}\n")
     return {"profiled_wall_s": wall, "profiled_busy_share": busy / wall}
 
 
@@ -252,10 +254,10 @@ def main() -> None:
     measured = measure_matmul_peak(device, dtype, 8192 if device.type == "cuda" else 1024)
     sheet = peak_flops(device)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    transformers_version = importlib.import_module("transformers").__version__
     print(f"{gpu}: measured bf16 matmul peak {measured / 1e12:.1f} TFLOP/s"
           + (f" (data sheet {sheet / 1e12:.0f})" if sheet else "")
-          + f"; torch {torch.__version__}, transformers {importlib.import_module('transformers').__version__}",
-          flush=True)
+          + f"; torch {torch.__version__}, transformers {transformers_version}", flush=True)
 
     torch.manual_seed(0)
     results = []
@@ -266,7 +268,7 @@ def main() -> None:
     if args.profile:
         profile_path.write_text(f"torch.profiler tables of bench/gpu.py, {gpu}\n", encoding="utf-8")
     report = {"device": gpu, "torch": torch.__version__, "cuda": torch.version.cuda,
-              "transformers": importlib.import_module("transformers").__version__,
+              "transformers": transformers_version,
               "peft": importlib.import_module("peft").__version__, "model": name, "dtype": "bfloat16",
               "measured_peak_tflops": measured / 1e12, "datasheet_peak_tflops": sheet / 1e12 if sheet else None,
               "steps": args.steps, "warmup": args.warmup, "gradient_checkpointing": args.gradient_checkpointing,
@@ -305,12 +307,10 @@ def main() -> None:
                         else:
                             batches = micro_batches(encoded, mode, args.micro_batch, max_tokens, long_from,
                                                     processor.tokenizer.pad_token_id)
-                            if args.profile:
-                                with profile_path.open("a", encoding="utf-8") as fh:
-                                    fh.write(f"\n== {training} {attn} num_crops={crops} {mode}: ")
                             try:
                                 case.update(run_case(model, flops, batches, device, args.steps, args.warmup,
-                                                     profile_path if args.profile else None))
+                                                     profile_path if args.profile else None,
+                                                     f"{training} {attn} num_crops={crops} {mode}"))
                                 case["mfu"] = case["tflops"] * 1e12 / measured
                                 if sheet:
                                     case["mfu_datasheet"] = case["tflops"] * 1e12 / sheet
@@ -318,9 +318,7 @@ def main() -> None:
                                 case["error"] = "out of memory"
                             except Exception as e:  # one broken combination must not lose the others' numbers
                                 case["error"] = f"{type(e).__name__}: {e}"[:400]
-                            model.zero_grad(set_to_none=True)
-                            if device.type == "cuda":
-                                torch.cuda.empty_cache()
+                            model.zero_grad(set_to_none=True)  # run_case empties the allocator's cache first
                         results.append(case)
                         report["seconds"] = time.perf_counter() - began
                         out.write_text(json.dumps(report, indent=2))  # a run cut off keeps its numbers
