@@ -25,19 +25,30 @@ words, 240 to 720 px photos), prepared once with the library's `prepare` under `
    alternately (`--rounds` times per mode), and the ratio vlmtune/bare is taken per round, so a change in the
    machine's load during the run moves both. On a machine shared with other work, pair whole processes
    instead: `--only bare` and `--only vlmtune` each print one run's figures as a JSON line.
+3. Interleaved, one process, no Ray (`--interleaved N` steps per mode): two copies of the model from the same
+   seed take turns micro-batch by micro-batch, one through the bare step on micro-batches collated
+   beforehand, the other through the worker's `train_step` (DeepSpeed engine, the loss all_reduce, metrics)
+   on the live stream (one DataLoader process decoding). A drift in the machine's speed then moves both
+   alike: the ratio is what vlmtune's own per-step code and hand-over cost. It leaves out what part 2 adds:
+   Ray's processes and the decoding process competing with the training process for the cores (the
+   decoder runs during both halves here).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import statistics
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
 
+import ray
 import torch
+import torch.distributed as dist
 
 from vlmtune.config import BatchingConfig, Config, load_config
 from vlmtune.data.batching import MicroBatches, plan_batches
@@ -49,7 +60,9 @@ from vlmtune.models.loading import prepare_model
 from vlmtune.models.phi3v.image_processing import Phi3VImageProcessor
 from vlmtune.models.phi3v.presets import OFFICIAL_PREPROCESSORS, PHI3_VISION_128K
 from vlmtune.tracking import read_metrics
-from vlmtune.train.engine import lr_lambda, parameter_groups
+from vlmtune.train.engine import build_engine, lr_lambda, parameter_groups
+from vlmtune.train.loop import Worker, train_step
+from vlmtune.train.metrics import FlopCounter, Throughput
 
 MODES = ("pad", "length", "packed")
 
@@ -118,30 +131,45 @@ def batching_stats(lengths: list[int], mode: str, batch_size: int, max_tokens: i
 
 # ---- 2. timed steps --------------------------------------------------------------------------------------------
 
-def bare_loop(cfg: Config, steps: int, log_every: int) -> dict:
-    """The same micro-batches as the worker's, collated beforehand; forward, backward, clip, AdamW, schedule."""
-    train_cfg = cfg.train
-    model, processor = prepare_model(cfg.model, torch.float32, seed=train_cfg.seed)
-    model.train()
+def micro_batches(cfg: Config, processor, long_from: int, num_workers: int = 0) -> MicroBatches:
+    """The worker's train micro-batches (one rank), decoded here (`num_workers` 0) or in DataLoader processes."""
     stream = ShardStream(split_shards(cfg.data.shards.dir, "train"), seed=cfg.data.loader.seed,
                          shuffle_buffer=cfg.data.loader.shuffle_buffer,
                          transform=SampleEncoder(processor, cfg.data.prompt, cfg.model.max_length))
-    source = MicroBatches(stream, cfg.data.batching, train_cfg.micro_batch_size, processor.tokenizer.pad_token_id,
-                          seed=cfg.data.loader.seed, long_from=model.config.original_max_position_embeddings)
+    return MicroBatches(stream, cfg.data.batching, cfg.train.micro_batch_size, processor.tokenizer.pad_token_id,
+                        num_workers, seed=cfg.data.loader.seed, long_from=long_from)
+
+
+class BareStep:
+    """Forward, backward, clip, AdamW, schedule: the step with nothing around it."""
+
+    def __init__(self, model: torch.nn.Module, cfg: Config):
+        self.model, self.grad_clip = model, cfg.train.grad_clip
+        t = cfg.train
+        self.optimizer = torch.optim.AdamW(parameter_groups(model, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps)
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t))
+
+    def __call__(self, m) -> None:
+        loss = self.model(**m.inputs, num_items_in_batch=torch.tensor(float(m.answer_tokens))).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def bare_loop(cfg: Config, steps: int, log_every: int) -> dict:
+    """The same micro-batches as the worker's, collated beforehand; forward, backward, clip, AdamW, schedule."""
+    model, processor = prepare_model(cfg.model, torch.float32, seed=cfg.train.seed)
+    model.train()
+    source = micro_batches(cfg, processor, model.config.original_max_position_embeddings)
     batches = [next(source) for _ in range(steps)]
-    optimizer = torch.optim.AdamW(parameter_groups(model, train_cfg.weight_decay), lr=train_cfg.lr,
-                                  betas=train_cfg.betas, eps=train_cfg.eps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train_cfg))
+    step = BareStep(model, cfg)
     rates = []
     for start in range(0, steps, log_every):
         began, tokens, image_tokens, positions = time.perf_counter(), 0, 0, 0
         for m in batches[start : start + log_every]:
-            loss = model(**m.inputs, num_items_in_batch=torch.tensor(float(m.answer_tokens))).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
+            step(m)
             tokens, image_tokens, positions = tokens + m.tokens, image_tokens + m.image_tokens, positions + m.positions
         seconds = time.perf_counter() - began
         rates.append({"tokens_per_s": tokens / seconds, "image_tokens_per_s": image_tokens / seconds,
@@ -164,6 +192,55 @@ def vlmtune_run(cfg: Config, steps: int, storage: str, name: str) -> dict:
     return summarise(records[1:])  # the first interval holds the warm-up
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def interleaved(cfg: Config, steps: int) -> dict:
+    """Part 3, for one mode: the bare step and the worker's `train_step` on alternate micro-batches in this
+    process (a gloo group of one, see `main`); each side's time summed over the steps after the first 10 %
+    (the warm-up)."""
+    bare_model, processor = prepare_model(cfg.model, torch.float32, seed=cfg.train.seed)
+    model, _ = prepare_model(cfg.model, torch.float32, seed=cfg.train.seed)
+    long_from = model.config.original_max_position_embeddings
+    source = micro_batches(cfg, processor, long_from)
+    collated = [next(source) for _ in range(steps)]
+    live = micro_batches(cfg, processor, long_from, num_workers=cfg.data.loader.num_workers)
+    bare_model.train()
+    bare = BareStep(bare_model, cfg)
+    engine = build_engine(model, cfg.train, 1, on_gpu=False)
+    engine.train()
+    worker = Worker(0, 1, torch.device("cpu"))
+    flops, throughput = FlopCounter.for_model(model), Throughput(worker.device, 1)
+    seconds = {"bare": 0.0, "vlmtune": 0.0}
+    tokens = 0
+    for i, m in enumerate(collated):
+        began = time.perf_counter()
+        bare(m)
+        middle = time.perf_counter()
+        train_step(engine, live, cfg, worker, flops, throughput)
+        if i >= steps // 10:
+            seconds["bare"] += middle - began
+            seconds["vlmtune"] += time.perf_counter() - middle
+            tokens += m.tokens
+    return {"bare_tokens_per_s": tokens / seconds["bare"], "vlmtune_tokens_per_s": tokens / seconds["vlmtune"],
+            "ratio": seconds["bare"] / seconds["vlmtune"]}
+
+
+def interleaved_modes(cfg: Config, modes: list[str], budget: int, steps: int) -> dict[str, dict]:
+    """Part 3 for every mode, on one gloo group of one (DeepSpeed keeps its groups for the process's life).
+    Before any Ray call: the DataLoader processes are forked from this one."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+                      LOCAL_RANK="0")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        return {mode: interleaved(with_mode(cfg, mode, budget), steps) for mode in modes}
+    finally:
+        dist.destroy_process_group()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per run, warm-up interval included")
@@ -174,6 +251,8 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), default=0,
                         help="the vlmtune worker's train.zero_stage (one worker: 0 is the right choice)")
+    parser.add_argument("--interleaved", type=int, default=150, metavar="STEPS",
+                        help="part 3's steps per mode (0: skip it)")
     parser.add_argument("--dir", default="outputs/bench/train-step-shards")
     parser.add_argument("--only", choices=("bare", "vlmtune"),
                         help="one timed run of one path and mode (the first of --modes), printed as a JSON line: "
@@ -183,6 +262,7 @@ def main() -> None:
     cfg = base_config(args)
     if not Path(args.dir, "manifest.json").exists():
         prepare(cfg.data)
+        ray.shutdown()  # part 3 forks a DataLoader process: not from a Ray driver (it loses its link to Ray)
     torch.set_num_threads(1)  # a Ray Train worker with 1 CPU runs with one thread too
 
     counts = token_counts(cfg)
@@ -205,6 +285,8 @@ def main() -> None:
     for mode in args.modes:
         s = batching_stats(lengths, mode, args.micro_batch, real_budget, long_from=4096)
         print(f"{mode:<8}{s['padding_share']:>15.3f}{s['tokens_per_batch']:>20.0f}{s['budget_fill']:>13.2f}")
+
+    steps_together = interleaved_modes(cfg, args.modes, tiny_budget, args.interleaved) if args.interleaved else {}
 
     results: dict[str, dict[str, list[dict]]] = {m: {"bare": [], "vlmtune": []} for m in args.modes}
     began = time.perf_counter()
@@ -234,6 +316,12 @@ def main() -> None:
     all_ratios = [v["tokens_per_s"] / b["tokens_per_s"] for m in args.modes
                   for b, v in zip(results[m]["bare"], results[m]["vlmtune"], strict=True)]
     print(f"\nratio vlmtune(1 worker)/bare, median over all modes and rounds: {statistics.median(all_ratios):.3f}")
+    if steps_together:
+        print(f"\ninterleaved in one process, no Ray ({args.interleaved} steps per mode, the first 10 % not timed): "
+              "bare step on collated micro-batches vs the worker's train_step on the live stream")
+        print(f"{'mode':<8}{'bare tok/s':>12}{'vlmtune tok/s':>15}{'vlmtune/bare':>14}")
+        for mode, r in steps_together.items():
+            print(f"{mode:<8}{r['bare_tokens_per_s']:>12.0f}{r['vlmtune_tokens_per_s']:>15.0f}{r['ratio']:>14.3f}")
 
 if __name__ == "__main__":
     main()
