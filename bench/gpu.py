@@ -2,6 +2,7 @@
 
     bench/gpu.sh [--out FILE.json] [--steps 8] [--warmup N] [--micro-batch 4]      (one GPU, ~2.5 min)
     bench/gpu.sh --device cpu --tiny                                               (CPU smoke test, ~1 min)
+    bench/gpu.sh --compile                         (each decoder layer through torch.compile, as torchtune does)
 
 For each combination of LoRA / full fine-tune, `num_crops` 4 / 16, sdpa / flash-attn (flash-attn only when
 `import flash_attn` works) and pad / packed batching, it times optimizer steps of
@@ -22,6 +23,12 @@ data-sheet peak where the device is known (train/metrics.PEAK_BF16_TFLOPS). A co
 memory or fails is recorded as such and the others go on; past `--time-limit` the rest are recorded as
 skipped. Results: a table on stdout and a JSON file (default outputs/bench/gpu-<time>.json), rewritten after
 every combination so that a run cut off by its machine's time limit keeps what it measured.
+
+`--compile` compiles every text decoder layer and every CLIP encoder layer in place (`nn.Module.compile`,
+inductor): a profile of the eager step put at least a quarter of its device time in unfused elementwise
+kernels (RMSNorm, RoPE, SwiGLU, residual adds), which is what inductor fuses. Compiling happens during the
+warm-up, whose seconds are recorded (`warmup_s`): a sequence length the first graphs did not cover
+recompiles once with dynamic shapes.
 """
 
 from __future__ import annotations
@@ -157,9 +164,11 @@ def run_case(model, flops, batches, device, steps: int, warmup: int | None, prof
         return lengths, int(inputs["image_sizes"].shape[0]), inputs["input_ids"].numel(), step_flops
 
     warmup = len(batches) if warmup is None else warmup
+    warmup_began = time.perf_counter()
     for i in range(warmup):
         step(i)
     sync()
+    warmup_s = time.perf_counter() - warmup_began
     images = tokens = positions = 0
     total_flops = 0.0
     began = time.perf_counter()
@@ -169,7 +178,7 @@ def run_case(model, flops, batches, device, steps: int, warmup: int | None, prof
         positions, total_flops = positions + step_positions, total_flops + step_flops
     sync()
     seconds = time.perf_counter() - began
-    result = {"warmup_steps": warmup, "step_s": seconds / steps, "img_per_s": images / seconds,
+    result = {"warmup_steps": warmup, "warmup_s": warmup_s, "step_s": seconds / steps, "img_per_s": images / seconds,
               "tokens_per_s": tokens / seconds, "tflops": total_flops / seconds / 1e12,
               "padding_share": 1 - tokens / positions,
               "tokens_per_step": tokens / steps}
@@ -210,6 +219,26 @@ def profile_steps(step, first: int, device, sync, path: Path, label: str, count:
     return {"profiled_wall_s": wall, "profiled_busy_share": busy / wall}
 
 
+def compile_layers(model) -> int:
+    """torch.compile every Phi-3 decoder layer and CLIP encoder layer in place (LoRA-wrapped ones too); the
+    number compiled.
+
+    Both layer classes run through one code object (transformers' `GradientCheckpointingLayer` wrapper), and
+    dynamo keeps at most `recompile_limit` graphs per code object (8) before it falls back to eager: the two
+    classes, a static then a dynamic length, and the models of earlier combinations would pass it. So the
+    caches start empty for each model and the limit is raised."""
+    import torch
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+    from transformers.models.phi3.modeling_phi3 import Phi3DecoderLayer
+
+    torch._dynamo.reset()
+    torch._dynamo.config.recompile_limit = 64
+    layers = [m for m in model.modules() if isinstance(m, Phi3DecoderLayer | CLIPEncoderLayer)]
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="JSON file (default outputs/bench/gpu-<time>.json)")
@@ -221,6 +250,8 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=4, help="samples per pad micro-batch")
     parser.add_argument("--samples", type=int, default=48)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile each text decoder and CLIP encoder layer (compiling is in the warm-up)")
     parser.add_argument("--crops", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--training", nargs="+", choices=["lora", "full"], default=["lora", "full"])
     parser.add_argument("--profile", action="store_true",
@@ -272,6 +303,7 @@ def main() -> None:
               "peft": importlib.import_module("peft").__version__, "model": name, "dtype": "bfloat16",
               "measured_peak_tflops": measured / 1e12, "datasheet_peak_tflops": sheet / 1e12 if sheet else None,
               "steps": args.steps, "warmup": args.warmup, "gradient_checkpointing": args.gradient_checkpointing,
+              "compile": args.compile,
               "results": results}
     with tempfile.TemporaryDirectory() as workdir:
         raw = catalog_samples(args.samples, workdir)
@@ -286,6 +318,8 @@ def main() -> None:
                 for parameter in model.parameters():  # DeepSpeed's bf16 mode casts every parameter, LoRA's too
                     parameter.data = parameter.data.to(dtype)
                 model.to(device).train()
+                if args.compile:
+                    print(f"{training}: {compile_layers(model)} layers compiled", flush=True)
                 flops = FlopCounter.for_model(model)
                 long_from = model.config.original_max_position_embeddings
                 for crops in args.crops:
@@ -329,7 +363,8 @@ def main() -> None:
 
     report["seconds"] = time.perf_counter() - began
     out.write_text(json.dumps(report, indent=2))
-    print(f"\n{name}, bf16, {gpu}, peak {measured / 1e12:.1f} TFLOP/s measured; {report['seconds']:.0f} s")
+    print(f"\n{name}, bf16{', compiled layers' if args.compile else ''}, {gpu}, peak {measured / 1e12:.1f} "
+          f"TFLOP/s measured; {report['seconds']:.0f} s")
     print(f"{'training':<9}{'attn':<19}{'crops':>6}{'batching':>9}{'tok/sample':>11}{'img/s':>8}{'tokens/s':>10}"
           f"{'MFU':>7}{'padding':>8}{'peak GB':>9}")
     for case in results:

@@ -1,7 +1,7 @@
 """Training throughput by batching mode, and vlmtune's training path against a bare PyTorch loop, in one run.
 
     python bench/train_step.py [--steps 30] [--rounds 1] [--micro-batch 8] [--modes pad length packed]
-                               [--zero-stage 0]
+                               [--zero-stage 0] [--interleaved 150]
 
 Data: shards of the synthetic sample catalog (data/sample.py: aspect ratios 0.6 to 1.6, titles of two to five
 words, 240 to 720 px photos), prepared once with the library's `prepare` under `--dir`.

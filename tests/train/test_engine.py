@@ -30,31 +30,35 @@ def test_warmup_then_cosine_to_the_floor():
     assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
 
 
-def _allreduces_in_a_step(rank: int, world: int, zero_stage: int) -> tuple[int, list[float]]:
-    """How often the engine all-reduced gradient buckets during one step, and the weights after it."""
+
+def _one_step(rank: int, world: int, bf16: bool, force_allreduce: bool = False) -> tuple[int, list[float]]:
+    """One ZeRO-0 step of a small model: how often the engine all-reduced gradient buckets, and the weights
+    after it. `force_allreduce`: with DeepSpeed's all_reduce even on one rank."""
     import torch
 
     from vlmtune.train.engine import build_engine
 
     torch.manual_seed(0)
-    model = torch.nn.Linear(4, 2)
-    engine = build_engine(model, TrainConfig(micro_batch_size=2, zero_stage=zero_stage, warmup_steps=0, lr=0.1),
-                          world, on_gpu=False)
+    train = TrainConfig(micro_batch_size=2, zero_stage=0, bf16=bf16, warmup_steps=0, lr=0.1)
+    engine = build_engine(torch.nn.Linear(4, 2), train, world, on_gpu=False)
+    engine.enable_backward_allreduce |= force_allreduce
     calls = []
     reduce = engine.buffered_allreduce_fallback
     engine.buffered_allreduce_fallback = lambda *a, **k: calls.append(1) or reduce(*a, **k)
-    x = torch.full((2, 4), float(rank + 1))
-    engine.backward(engine(x).square().mean())
+    x = torch.full((2, 4), float(rank + 1), dtype=torch.bfloat16 if bf16 else torch.float32)
+    engine.backward(engine(x).float().square().mean())
     engine.step()
-    return len(calls), engine.module.weight.detach().flatten().tolist()
+    return len(calls), engine.module.weight.detach().float().flatten().tolist()
 
 
-def test_one_zero0_rank_skips_the_gradient_allreduce():
-    """One rank has nothing to average; two ranks at ZeRO-0 still all-reduce and step alike (that one rank's
-    gradients equal two ranks' is test_loss_scaling's)."""
+@pytest.mark.parametrize("bf16", [False, True])
+def test_one_zero0_rank_skips_the_gradient_allreduce(bf16):
+    """One rank has nothing to average: its step skips DeepSpeed's all_reduce and ends where the step with it
+    does. Two ranks still all-reduce, and step alike (that the average is right: test_loss_scaling)."""
     from tests.gloo import run_ranks
 
-    (alone, alone_weights), = run_ranks(_allreduces_in_a_step, 1, 0)
-    pair = run_ranks(_allreduces_in_a_step, 2, 0)
-    assert alone == 0 and [calls for calls, _ in pair] == [1, 1]
-    assert pair[0][1] == pair[1][1] != alone_weights  # ranks saw different data, averaged
+    (alone, weights), = run_ranks(_one_step, 1, bf16)
+    (forced, forced_weights), = run_ranks(_one_step, 1, bf16, True)
+    pair = run_ranks(_one_step, 2, bf16)
+    assert (alone, forced) == (0, 1) and weights == forced_weights
+    assert [calls for calls, _ in pair] == [1, 1] and pair[0][1] == pair[1][1]
