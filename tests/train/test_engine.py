@@ -30,7 +30,6 @@ def test_warmup_then_cosine_to_the_floor():
     assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
 
 
-
 def _one_step(rank: int, world: int, bf16: bool, force_allreduce: bool = False) -> tuple[int, list[float]]:
     """One ZeRO-0 step of a small model: how often the engine all-reduced gradient buckets, and the weights
     after it. `force_allreduce`: with DeepSpeed's all_reduce even on one rank."""

@@ -108,7 +108,7 @@ def build_engine(model: torch.nn.Module, train: TrainConfig, world_size: int, on
         config=config or deepspeed_config(train, world_size, on_gpu, load_universal))
     if world_size == 1 and train.zero_stage == 0:
         # One rank has nothing to average, yet DeepSpeed would flatten every gradient into a bucket, all_reduce
-        # it over that one rank and copy it back each step (~3% of a tiny-model step on CPU; at real size a
+        # it over that one rank and copy it back each step (2-3% of a tiny-model step on CPU; at real size a
         # copy of every gradient). ZeRO 1-3 reduce through their optimizer, which needs this path.
         engine.enable_backward_allreduce = False
     return engine
