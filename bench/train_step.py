@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -144,8 +143,8 @@ class BareStep:
     """Forward, backward, clip, AdamW, schedule: the step with nothing around it."""
 
     def __init__(self, model: torch.nn.Module, cfg: Config):
-        self.model, self.grad_clip = model, cfg.train.grad_clip
         t = cfg.train
+        self.model, self.grad_clip = model, t.grad_clip
         self.optimizer = torch.optim.AdamW(parameter_groups(model, t.weight_decay), lr=t.lr, betas=t.betas, eps=t.eps)
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t))
 
@@ -192,12 +191,6 @@ def vlmtune_run(cfg: Config, steps: int, storage: str, name: str) -> dict:
     return summarise(records[1:])  # the first interval holds the warm-up
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def interleaved(cfg: Config, steps: int) -> dict:
     """Part 3, for one mode: the bare step and the worker's `train_step` on alternate micro-batches in this
     process (a gloo group of one, see `main`); each side's time summed over the steps after the first 10 %
@@ -230,11 +223,11 @@ def interleaved(cfg: Config, steps: int) -> dict:
 
 
 def interleaved_modes(cfg: Config, modes: list[str], budget: int, steps: int) -> dict[str, dict]:
-    """Part 3 for every mode, on one gloo group of one (DeepSpeed keeps its groups for the process's life).
-    Before any Ray call: the DataLoader processes are forked from this one."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                      LOCAL_RANK="0")
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    """Part 3 for every mode, on one gloo group of one (DeepSpeed keeps its groups for the process's life):
+    an in-memory store, no port to find; DeepSpeed still reads the rank variables. Before any Ray call: the
+    DataLoader processes are forked from this one."""
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         return {mode: interleaved(with_mode(cfg, mode, budget), steps) for mode in modes}
     finally:
