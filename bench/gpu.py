@@ -254,6 +254,7 @@ def main() -> None:
                         help="torch.compile each text decoder and CLIP encoder layer (compiling is in the warm-up)")
     parser.add_argument("--crops", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--training", nargs="+", choices=["lora", "full"], default=["lora", "full"])
+    parser.add_argument("--batching", nargs="+", choices=["pad", "packed"], default=["pad", "packed"])
     parser.add_argument("--profile", action="store_true",
                         help="profile two extra steps per combination (operator tables in <out>-profile.txt)")
     parser.add_argument("--time-limit", type=float, default=480.0,
@@ -331,7 +332,7 @@ def main() -> None:
                     lengths = [len(s["input_ids"]) for s in encoded]
                     max_tokens = math.ceil(statistics.mean(lengths) * args.micro_batch / 64) * 64
                     max_tokens = max(max_tokens, max(lengths))
-                    for mode in ("pad", "packed"):
+                    for mode in args.batching:
                         case = {"training": training, "attn": attn, "num_crops": crops, "batching": mode,
                                 "micro_batch": args.micro_batch if mode == "pad" else None,
                                 "max_tokens": max_tokens if mode == "packed" else None,
