@@ -85,6 +85,19 @@ def test_collate_pads_and_masks_by_length(processor):
     assert torch.equal(left["input_ids"][0, -n:], a["input_ids"])
 
 
+def test_a_training_batch_builds_no_kv_cache_and_a_generation_batch_leaves_it_to_generate(tiny):
+    model, processor = tiny
+    encoder = SampleEncoder(processor, PromptConfig(), max_length=512)
+    pad = processor.tokenizer.pad_token_id
+    training = collate([encoder(sample()), encoder(sample((60, 200)))], pad)
+    assert model.config.use_cache and training["use_cache"] is False
+    with torch.no_grad():
+        out = model(**training)
+    assert out.loss is not None and out.get("past_key_values", out.get("cache")) is None
+    prompts = [SampleEncoder(processor, PromptConfig(), max_length=512, with_answer=False)(sample())]
+    assert "use_cache" not in collate(prompts, pad, padding_side="left")
+
+
 def test_one_image_gives_exactly_the_single_image_prompt(processor):
     encoder = SampleEncoder(processor, PromptConfig(), max_length=512)
     assert encoder.prompt_text(1) == processor.apply_chat_template(

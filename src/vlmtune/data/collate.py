@@ -83,6 +83,10 @@ def collate(samples: list[dict], pad_id: int, padding_side: str = "right") -> di
 
     The attention mask comes from the true lengths, not from `input_ids != pad_id`: Phi-3's pad id is
     also its end-of-text id, which must stay visible at the end of every target.
+
+    A batch with labels is for a loss, never for generation: `use_cache=False`, or the text model (whose
+    config says `use_cache: true`) would build a KV cache in every training forward, which nothing reads
+    and whose per-layer state makes `torch.compile` recompile each decoder layer.
     """
 
     def pad(rows: list[torch.Tensor], value: int) -> torch.Tensor:
@@ -94,6 +98,7 @@ def collate(samples: list[dict], pad_id: int, padding_side: str = "right") -> di
              "image_sizes": torch.cat([s["image_sizes"] for s in samples])}
     if "labels" in samples[0]:
         batch["labels"] = pad([s["labels"] for s in samples], IGNORE_INDEX)
+        batch["use_cache"] = False
     return batch
 
 
