@@ -24,11 +24,10 @@ memory or fails is recorded as such and the others go on; past `--time-limit` th
 skipped. Results: a table on stdout and a JSON file (default outputs/bench/gpu-<time>.json), rewritten after
 every combination so that a run cut off by its machine's time limit keeps what it measured.
 
-`--compile` compiles every text decoder layer and every CLIP encoder layer in place (`nn.Module.compile`,
-inductor): a profile of the eager step put at least a quarter of its device time in unfused elementwise
-kernels (RMSNorm, RoPE, SwiGLU, residual adds), which is what inductor fuses. Compiling happens during the
-warm-up, whose seconds are recorded (`warmup_s`): a sequence length the first graphs did not cover
-recompiles once with dynamic shapes.
+`--compile` compiles every text decoder layer and every CLIP encoder layer in place, as training does with
+`model.compile=true` (models/loading.compile_layers; inductor fuses the elementwise kernels around the
+matmuls). Compiling happens during the warm-up, whose seconds are recorded (`warmup_s`): a sequence length
+the first graphs did not cover recompiles once with dynamic shapes.
 """
 
 from __future__ import annotations
@@ -219,26 +218,6 @@ def profile_steps(step, first: int, device, sync, path: Path, label: str, count:
     return {"profiled_wall_s": wall, "profiled_busy_share": busy / wall}
 
 
-def compile_layers(model) -> int:
-    """torch.compile every Phi-3 decoder layer and CLIP encoder layer in place (LoRA-wrapped ones too); the
-    number compiled.
-
-    Both layer classes run through one code object (transformers' `GradientCheckpointingLayer` wrapper), and
-    dynamo keeps at most `recompile_limit` graphs per code object (8) before it falls back to eager: the two
-    classes, a static then a dynamic length, and the models of earlier combinations would pass it. So the
-    caches start empty for each model and the limit is raised."""
-    import torch
-    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
-    from transformers.models.phi3.modeling_phi3 import Phi3DecoderLayer
-
-    torch._dynamo.reset()
-    torch._dynamo.config.recompile_limit = 64
-    layers = [m for m in model.modules() if isinstance(m, Phi3DecoderLayer | CLIPEncoderLayer)]
-    for layer in layers:
-        layer.compile()
-    return len(layers)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", help="JSON file (default outputs/bench/gpu-<time>.json)")
@@ -266,7 +245,7 @@ def main() -> None:
 
     from vlmtune.config import load_config
     from vlmtune.data.collate import SampleEncoder
-    from vlmtune.models.loading import prepare_model
+    from vlmtune.models.loading import compile_layers, prepare_model
     from vlmtune.train.metrics import FlopCounter, peak_flops
 
     device = torch.device(args.device)
@@ -320,6 +299,7 @@ def main() -> None:
                     parameter.data = parameter.data.to(dtype)
                 model.to(device).train()
                 if args.compile:
+                    torch._dynamo.reset()  # each combination's model compiles anew, not on an earlier model's graphs
                     print(f"{training}: {compile_layers(model)} layers compiled", flush=True)
                 flops = FlopCounter.for_model(model)
                 long_from = model.config.original_max_position_embeddings

@@ -57,6 +57,9 @@ def test_cross_field_checks():
         load_config(overrides=["model.lora.quantize_4bit=true", "train.zero_stage=3"])
     with pytest.raises(ConfigError, match="no targets"):
         load_config(overrides=["model.lora.targets=[]"])
+    with pytest.raises(ConfigError, match=r"model\.compile does not work with train\.zero_stage=3.*use stage 0 or 2"):
+        load_config(overrides=["model.compile=true", "train.zero_stage=3"])
+    assert load_config(overrides=["model.compile=true", "train.zero_stage=2"]).model.compile
 
 
 def test_bad_files(tmp_path):

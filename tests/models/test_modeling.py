@@ -280,6 +280,51 @@ def test_gradient_checkpointing_gives_same_loss_and_grads(make_image):
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
+def _count_compiled_calls(module: nn.Module) -> list[int]:
+    """Calls of `module`'s compiled forward, counted outside the graph (a hook inside would break it)."""
+    calls: list[int] = []
+    compiled = module._compiled_call_impl
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return compiled(*args, **kwargs)
+
+    module._compiled_call_impl = counted
+    return calls
+
+
+@pytest.mark.slow
+def test_compiled_blocks_under_gradient_checkpointing_give_same_loss_and_grads(make_image):
+    """`model.compile` with gradient checkpointing compiles each layer's attention and MLP block, so that the
+    checkpoint stays outside every graph (inductor refuses sdpa's kernel in a recomputed region): the blocks
+    still run again in the backward pass, and loss and gradients are the uncompiled ones."""
+    from torch._dynamo.utils import counters
+    from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+    from transformers.models.phi3.modeling_phi3 import Phi3DecoderLayer
+
+    from vlmtune.models.loading import compile_layers
+
+    plain, processor = load("tiny-phi3v")
+    compiled, _ = load("tiny-phi3v")
+    compiled.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    layers = sum(isinstance(m, Phi3DecoderLayer | CLIPEncoderLayer) for m in compiled.modules())
+    assert compile_layers(compiled) == 2 * layers
+    batch = processor(PROMPT + "A coat<|end|>", [make_image(100, 150)])
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == processor.image_token_id, -100)
+    text_mlp = compiled.model.layers[0].mlp
+    vision_mlp = compiled.model.vision_embed_tokens.img_processor["vision_model"].encoder.layers[0].mlp
+    counts = {"text": _count_compiled_calls(text_mlp), "vision": _count_compiled_calls(vision_mlp)}
+    loss_a, grads_a = _loss_and_grads(plain, batch, labels)
+    graphs = counters["stats"]["unique_graphs"]
+    loss_b, grads_b = _loss_and_grads(compiled, batch, labels)
+    assert counters["stats"]["unique_graphs"] > graphs and not sum(counters["graph_break"].values())
+    assert {k: len(v) for k, v in counts.items()} == {"text": 2, "vision": 2}
+    torch.testing.assert_close(loss_a, loss_b, rtol=1e-6, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys()
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_eager_and_sdpa_agree(make_image):
     eager, processor = load("tiny-phi3v", attn_implementation="eager")
     sdpa, _ = load("tiny-phi3v", attn_implementation="sdpa")

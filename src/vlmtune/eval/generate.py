@@ -24,15 +24,20 @@ def generate_answers(model, processor, samples: list[dict], max_new_tokens: int,
     Left padding keeps every prompt's last token at the same position, which batched generation needs.
     `synced_gpus` keeps all ranks stepping together until every rank is done (required under ZeRO-3,
     where each forward pass gathers parameters from all ranks).
+
+    Layers compiled for training (`model.compile`) run eagerly here: with a KV cache each layer's cache
+    state differs, so dynamo would compile a graph per layer and per decoding phase, for a few short
+    generations per eval.
     """
     tokenizer = processor.tokenizer
     batch = collate(samples, tokenizer.pad_token_id, padding_side="left")
     batch = {k: v.to(device) for k, v in batch.items()}
     was_training = model.training
     model.eval()
-    output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                            eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                            synced_gpus=synced_gpus)
+    with torch.compiler.set_stance("force_eager"):
+        output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                eos_token_id=stop_token_ids(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                                synced_gpus=synced_gpus)
     model.train(was_training)
     new_tokens = output[:, batch["input_ids"].shape[1]:]
     return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]

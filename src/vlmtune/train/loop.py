@@ -41,7 +41,7 @@ from vlmtune.data.shards import ShardStream, split_shards, verify_shards
 from vlmtune.errors import CheckpointError, VlmtuneError
 from vlmtune.eval.generate import generate_answers
 from vlmtune.eval.metrics import score
-from vlmtune.models.loading import prepare_model, trainable_parameter_summary
+from vlmtune.models.loading import compile_layers, prepare_model, trainable_parameter_summary
 from vlmtune.tracking import Tracker
 from vlmtune.train.checkpoint import LoopState, choose_checkpoint, loads_universal, restore, resume_rng, save_and_report
 from vlmtune.train.engine import build_engine, deepspeed_config, init_distributed
@@ -107,12 +107,15 @@ def grad_accum_for(cfg: Config, world_size: int) -> tuple[int, str | None]:
 
 
 def build_model(cfg: Config, worker: Worker, ds_config: dict):
-    """The model and processor this run trains; under ZeRO-3 partitioned as it is built (collective)."""
+    """The model and processor this run trains; under ZeRO-3 partitioned as it is built (collective). With
+    `model.compile` its layers compile on their first step."""
     init_distributed(worker.on_gpu)  # DeepSpeed on Ray Train's process group, before zero.Init needs it
-    built = prepare_model(cfg.model, torch.bfloat16 if cfg.train.bf16 else torch.float32, seed=cfg.train.seed,
-                          deepspeed_config=ds_config)
+    model, processor = prepare_model(cfg.model, torch.bfloat16 if cfg.train.bf16 else torch.float32,
+                                     seed=cfg.train.seed, deepspeed_config=ds_config)
+    if cfg.model.compile:
+        compile_layers(model)
     release_free_memory()
-    return built
+    return model, processor
 
 
 def release_free_memory() -> None:
