@@ -248,15 +248,17 @@ def _loss_and_grads(model, batch, labels) -> tuple[torch.Tensor, dict[str, torch
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def _count_forward(module: nn.Module) -> list[int]:
+def _count_forward(module: nn.Module, attribute: str = "forward") -> list[int]:
+    """Calls of `module.forward` (or of another callable attribute, e.g. its compiled forward, which is
+    counted outside the graph: a hook inside would break it)."""
     calls: list[int] = []
-    forward = module.forward
+    forward = getattr(module, attribute)
 
     def counted(*args, **kwargs):
         calls.append(1)
         return forward(*args, **kwargs)
 
-    module.forward = counted
+    setattr(module, attribute, counted)
     return calls
 
 
@@ -280,19 +282,6 @@ def test_gradient_checkpointing_gives_same_loss_and_grads(make_image):
         torch.testing.assert_close(grads_a[name], grads_b[name], rtol=1e-6, atol=1e-7, msg=name)
 
 
-def _count_compiled_calls(module: nn.Module) -> list[int]:
-    """Calls of `module`'s compiled forward, counted outside the graph (a hook inside would break it)."""
-    calls: list[int] = []
-    compiled = module._compiled_call_impl
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return compiled(*args, **kwargs)
-
-    module._compiled_call_impl = counted
-    return calls
-
-
 @pytest.mark.slow
 def test_compiled_blocks_under_gradient_checkpointing_give_same_loss_and_grads(make_image):
     """`model.compile` with gradient checkpointing compiles each layer's attention and MLP block, so that the
@@ -313,7 +302,8 @@ def test_compiled_blocks_under_gradient_checkpointing_give_same_loss_and_grads(m
     labels = batch["input_ids"].masked_fill(batch["input_ids"] == processor.image_token_id, -100)
     text_mlp = compiled.model.layers[0].mlp
     vision_mlp = compiled.model.vision_embed_tokens.img_processor["vision_model"].encoder.layers[0].mlp
-    counts = {"text": _count_compiled_calls(text_mlp), "vision": _count_compiled_calls(vision_mlp)}
+    counts = {"text": _count_forward(text_mlp, "_compiled_call_impl"),
+              "vision": _count_forward(vision_mlp, "_compiled_call_impl")}
     loss_a, grads_a = _loss_and_grads(plain, batch, labels)
     graphs = counters["stats"]["unique_graphs"]
     loss_b, grads_b = _loss_and_grads(compiled, batch, labels)
