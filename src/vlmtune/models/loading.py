@@ -335,9 +335,9 @@ def compile_layers(model: nn.Module) -> int:
 
     With gradient checkpointing, each layer's attention and MLP blocks are compiled instead: transformers
     checkpoints inside the layer's own forward, and inductor refuses to recompute a region holding sdpa's
-    attention kernel (it is tagged as drawing random numbers) inside a compiled graph; around the blocks, the
-    checkpoint stays outside every graph and simply calls them again. The norms and residual adds between
-    the blocks then run eagerly.
+    attention kernel (an op that may draw random numbers, for dropout) inside a compiled graph. Around the
+    blocks, the checkpoint stays outside every graph and simply calls them again; the norms and residual
+    adds between the blocks then run eagerly.
 
     Every compiled module runs through one code object (`nn.Module._call_impl`), and dynamo keeps at most
     `recompile_limit` graphs per code object (8) before it falls back to eager for good: two layer classes,
