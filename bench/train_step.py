@@ -15,16 +15,19 @@ words, 240 to 720 px photos), prepared once with the library's `prepare` under `
    bare:    the same micro-batches (`MicroBatches` on the same stream, collated beforehand and held in
             memory) through the model and torch AdamW: forward, backward, gradient clipping at
             `train.grad_clip`, step, schedule; one thread, no Ray, no DeepSpeed.
+   bare-live: the same loop reading the stream as it trains, one DataLoader process decoding as in the
+            worker: what a plain loop over these shards pays on this machine (the decoder shares its cores).
    vlmtune: jobs/train.py's path: one Ray Train worker with 1 CPU running train/loop.py (DeepSpeed engine,
             shard stream decoding JPEGs and running the HD transform in one DataLoader process, the step's
             answer-token all_reduce, metrics, progress), its tokens/s and padding share as it logs them.
    The worker runs ZeRO stage `--zero-stage`: 0 by default, what one worker should run (ZeRO-1/2 partition
    nothing on one rank, yet DeepSpeed's gradient bucketing costs ~10% of this model's step; `--zero-stage 2`
    measures it).
-   Both report the median rate over `--log-every`-step intervals after the first (the warm-up). The two run
-   alternately (`--rounds` times per mode), and the ratio vlmtune/bare is taken per round, so a change in the
-   machine's load during the run moves both. On a machine shared with other work, pair whole processes
-   instead: `--only bare` and `--only vlmtune` each print one run's figures as a JSON line.
+   Each reports the median rate over `--log-every`-step intervals after the first (the warm-up). The three
+   run one after the other (`--rounds` times per mode), and the ratios vlmtune/bare and vlmtune/bare-live
+   are taken per round, so a change in the machine's load during the run moves all three. On a machine
+   shared with other work, pair whole processes instead: `--only bare`, `--only bare-live` and
+   `--only vlmtune` each print one run's figures as a JSON line.
 3. Interleaved, one process, no Ray (`--interleaved N` steps per mode): two copies of the model from the same
    seed take turns micro-batch by micro-batch, one through the bare step on micro-batches collated
    beforehand, the other through the worker's `train_step` (DeepSpeed engine, the loss all_reduce, metrics)
@@ -64,6 +67,7 @@ from vlmtune.train.loop import Worker, train_step
 from vlmtune.train.metrics import FlopCounter, Throughput
 
 MODES = ("pad", "length", "packed")
+PATHS = ("bare", "bare-live", "vlmtune")
 
 
 def base_config(args) -> Config:
@@ -157,17 +161,21 @@ class BareStep:
         self.optimizer.zero_grad(set_to_none=True)
 
 
-def bare_loop(cfg: Config, steps: int, log_every: int) -> dict:
-    """The same micro-batches as the worker's, collated beforehand; forward, backward, clip, AdamW, schedule."""
+def bare_loop(cfg: Config, steps: int, log_every: int, live: bool = False) -> dict:
+    """The worker's micro-batches through forward, backward, clip, AdamW, schedule. Collated beforehand, or
+    `live`: read from the stream as the loop goes, decoded by the worker's DataLoader processes, as any loop
+    over these shards must (on 2 cores the decoding competes with the step)."""
     model, processor = prepare_model(cfg.model, torch.float32, seed=cfg.train.seed)
     model.train()
-    source = micro_batches(cfg, processor, model.config.original_max_position_embeddings)
-    batches = [next(source) for _ in range(steps)]
+    source = micro_batches(cfg, processor, model.config.original_max_position_embeddings,
+                           num_workers=cfg.data.loader.num_workers if live else 0)
+    batches = source if live else iter([next(source) for _ in range(steps)])
     step = BareStep(model, cfg)
     rates = []
     for start in range(0, steps, log_every):
         began, tokens, image_tokens, positions = time.perf_counter(), 0, 0, 0
-        for m in batches[start : start + log_every]:
+        for _ in range(min(log_every, steps - start)):
+            m = next(batches)
             step(m)
             tokens, image_tokens, positions = tokens + m.tokens, image_tokens + m.image_tokens, positions + m.positions
         seconds = time.perf_counter() - began
@@ -187,6 +195,7 @@ def vlmtune_run(cfg: Config, steps: int, storage: str, name: str) -> dict:
     run.cluster.storage_path, run.cluster.run_name = storage, name
     run.train.max_steps = run.train.checkpoint_every = steps
     train(run)
+    ray.shutdown()  # the next live bare loop forks DataLoader processes: not from a Ray driver
     records = [r for r in read_metrics(Path(storage) / name) if "tokens_per_s" in r]
     return summarise(records[1:])  # the first interval holds the warm-up
 
@@ -247,7 +256,7 @@ def main() -> None:
     parser.add_argument("--interleaved", type=int, default=150, metavar="STEPS",
                         help="part 3's steps per mode (0: skip it)")
     parser.add_argument("--dir", default="outputs/bench/train-step-shards")
-    parser.add_argument("--only", choices=("bare", "vlmtune"),
+    parser.add_argument("--only", choices=PATHS,
                         help="one timed run of one path and mode (the first of --modes), printed as a JSON line: "
                              "for pairing whole processes from outside")
     args = parser.parse_args()
@@ -263,8 +272,8 @@ def main() -> None:
     if args.only:
         run_cfg = with_mode(cfg, args.modes[0], tiny_budget)
         with tempfile.TemporaryDirectory() as storage:
-            result = bare_loop(run_cfg, args.steps, args.log_every) if args.only == "bare" else \
-                vlmtune_run(run_cfg, args.steps, storage, "only")
+            result = vlmtune_run(run_cfg, args.steps, storage, "only") if args.only == "vlmtune" else \
+                bare_loop(run_cfg, args.steps, args.log_every, live=args.only == "bare-live")
         print(json.dumps({"path": args.only, "mode": args.modes[0], **result}))
         return
 
@@ -281,34 +290,40 @@ def main() -> None:
 
     steps_together = interleaved_modes(cfg, args.modes, tiny_budget, args.interleaved) if args.interleaved else {}
 
-    results: dict[str, dict[str, list[dict]]] = {m: {"bare": [], "vlmtune": []} for m in args.modes}
+    results: dict[str, dict[str, list[dict]]] = {m: {path: [] for path in PATHS} for m in args.modes}
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as storage:
         for r in range(args.rounds):
             for mode in args.modes:
                 run_cfg = with_mode(cfg, mode, tiny_budget)
                 results[mode]["bare"].append(bare_loop(run_cfg, args.steps, args.log_every))
+                results[mode]["bare-live"].append(bare_loop(run_cfg, args.steps, args.log_every, live=True))
                 results[mode]["vlmtune"].append(vlmtune_run(run_cfg, args.steps, storage, f"{mode}-{r}"))
     elapsed = time.perf_counter() - began
+
+    def ratios(mode: str, baseline: str) -> list[float]:
+        return [v["tokens_per_s"] / b["tokens_per_s"]
+                for b, v in zip(results[mode][baseline], results[mode]["vlmtune"], strict=True)]
 
     print(f"\ntiny-phi3v (fp32, num_crops 16), micro-batch {args.micro_batch} (pad) or max_tokens {tiny_budget} "
           f"(length, packed), ZeRO-{cfg.train.zero_stage} on gloo, 1 thread; median over rounds "
           f"({args.rounds} x {args.steps} steps each, {elapsed:.0f} s)")
-    print(f"{'mode':<8}{'path':<10}{'padding':>9}{'tokens/s':>10}{'image tok/s':>13}{'text tok/s':>12}"
-          f"{'vlmtune/bare (per round)':>28}")
+    print("bare: micro-batches collated beforehand; bare-live: read from the stream as it trains, one DataLoader "
+          "process decoding (as the worker's)")
+    print(f"{'mode':<8}{'path':<11}{'padding':>9}{'tokens/s':>10}{'image tok/s':>13}{'text tok/s':>12}"
+          f"{'vlmtune / this (per round)':>30}")
     for mode in args.modes:
-        pairs = list(zip(results[mode]["bare"], results[mode]["vlmtune"], strict=True))
-        ratios = [v["tokens_per_s"] / b["tokens_per_s"] for b, v in pairs]
-        for path in ("bare", "vlmtune"):
+        for path in PATHS:
             rows = results[mode][path]
             med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-            ratio = (f"{statistics.median(ratios):.3f} ({', '.join(f'{x:.3f}' for x in ratios)})"
-                     if path == "vlmtune" else "")
-            print(f"{mode:<8}{path:<10}{med['padding_share']:>9.3f}{med['tokens_per_s']:>10.0f}"
-                  f"{med['image_tokens_per_s']:>13.0f}{med['text_tokens_per_s']:>12.0f}{ratio:>28}")
-    all_ratios = [v["tokens_per_s"] / b["tokens_per_s"] for m in args.modes
-                  for b, v in zip(results[m]["bare"], results[m]["vlmtune"], strict=True)]
-    print(f"\nratio vlmtune(1 worker)/bare, median over all modes and rounds: {statistics.median(all_ratios):.3f}")
+            per_round = ratios(mode, path) if path != "vlmtune" else []
+            ratio = (f"{statistics.median(per_round):.3f} ({', '.join(f'{x:.3f}' for x in per_round)})"
+                     if per_round else "")
+            print(f"{mode:<8}{path:<11}{med['padding_share']:>9.3f}{med['tokens_per_s']:>10.0f}"
+                  f"{med['image_tokens_per_s']:>13.0f}{med['text_tokens_per_s']:>12.0f}{ratio:>30}")
+    for baseline in ("bare", "bare-live"):
+        every = [x for mode in args.modes for x in ratios(mode, baseline)]
+        print(f"ratio vlmtune(1 worker)/{baseline}, median over all modes and rounds: {statistics.median(every):.3f}")
     if steps_together:
         print(f"\ninterleaved in one process, no Ray ({args.interleaved} steps per mode, the first 10 % not timed): "
               "bare step on collated micro-batches vs the worker's train_step on the live stream")
