@@ -5,7 +5,7 @@
     bench/gpu.sh --compile                         (each decoder layer through torch.compile, as torchtune does)
 
 For each combination of LoRA / full fine-tune, `num_crops` 4 / 16, sdpa / flash-attn (flash-attn only when
-`import flash_attn` works) and pad / packed batching, it times optimizer steps of
+`import flash_attn` works) and pad / length / packed batching, it times optimizer steps of
 Phi-3-vision-128k-instruct's architecture (the config from the presets) with random weights in bf16, on
 samples of the synthetic catalog (data/sample.py: mixed aspect ratios and titles) encoded by the library's
 processor (the official image processor settings; the byte-level tokenizer when the real one is not cached).
@@ -233,7 +233,8 @@ def main() -> None:
                         help="torch.compile each text decoder and CLIP encoder layer (compiling is in the warm-up)")
     parser.add_argument("--crops", type=int, nargs="+", default=[4, 16])
     parser.add_argument("--training", nargs="+", choices=["lora", "full"], default=["lora", "full"])
-    parser.add_argument("--batching", nargs="+", choices=["pad", "packed"], default=["pad", "packed"])
+    parser.add_argument("--batching", nargs="+", choices=["pad", "length", "packed"],
+                        default=["pad", "length", "packed"])
     parser.add_argument("--profile", action="store_true",
                         help="profile two extra steps per combination (operator tables in <out>-profile.txt)")
     parser.add_argument("--time-limit", type=float, default=480.0,
@@ -315,7 +316,7 @@ def main() -> None:
                     for mode in args.batching:
                         case = {"training": training, "attn": attn, "num_crops": crops, "batching": mode,
                                 "micro_batch": args.micro_batch if mode == "pad" else None,
-                                "max_tokens": max_tokens if mode == "packed" else None,
+                                "max_tokens": max_tokens if mode != "pad" else None,
                                 "tokens_per_sample": statistics.mean(lengths)}
                         if time.perf_counter() - began > args.time_limit:
                             case["error"] = f"skipped: past --time-limit {args.time_limit:.0f} s"

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Training throughput of the real Phi-3-Vision on one GPU (see bench/gpu.py): LoRA and full fine-tune,
-# num_crops 4 and 16, sdpa and flash-attn (when importable), pad and packed batching. About 2.5 minutes on
-# an H200 with sdpa alone (docs/performance.md). Writes a JSON file (--out FILE, default
-# outputs/bench/gpu-<time>.json) and prints a table.
+# num_crops 4 and 16, sdpa and flash-attn (when importable), pad, length and packed batching. Pad and packed
+# took about 2 minutes on an H200 with sdpa alone (docs/performance.md); length adds a third of that. Writes
+# a JSON file (--out FILE, default outputs/bench/gpu-<time>.json) and prints a table.
 #
 #   bench/gpu.sh [--out FILE] [--steps 8] [--warmup N] [--micro-batch 4] [--gradient-checkpointing]
-#                [--training lora full] [--crops 4 16] [--batching pad packed] [--profile] [--compile] [--time-limit 480]
+#                [--training lora full] [--crops 4 16] [--batching pad length packed] [--profile]
+#                [--compile] [--time-limit 480]
 #   bench/gpu.sh --device cpu --tiny          # smoke test of the same code on CPU
 #
 # Installs and downloads nothing: it runs the repository's src/ with the first python3 on PATH (or $PYTHON),
