@@ -348,11 +348,12 @@ def compile_layers(model: nn.Module) -> int:
 
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     layers = [m for m in model.modules() if isinstance(m, Phi3DecoderLayer | CLIPEncoderLayer)]
+    compiled = layers
     if any(layer.gradient_checkpointing for layer in layers):
-        layers = [block for layer in layers for block in (layer.self_attn, layer.mlp)]
-    for layer in layers:
-        layer.compile()
-    return len(layers)
+        compiled = [block for layer in layers for block in (layer.self_attn, layer.mlp)]
+    for module in compiled:
+        module.compile()
+    return len(compiled)
 
 
 # ------------------------------------------------------------------------------------------------ LoRA
