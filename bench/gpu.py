@@ -110,8 +110,11 @@ def catalog_samples(n: int, workdir: str) -> list[dict]:
 
 
 def micro_batches(encoded: list[dict], mode: str, micro_batch: int, max_tokens: int, long_from: int,
-                  pad_id: int) -> list[tuple[dict, list[dict]]]:
-    """(model inputs, samples) per micro-batch, planned window by window as data/batching.MicroBatches does."""
+                  pad_id: int, padding_mask: bool = False) -> list[tuple[dict, list[dict]]]:
+    """(model inputs, samples) per micro-batch, planned window by window as data/batching.MicroBatches does.
+    `padding_mask` adds the attention mask that `collate` leaves out of padded training batches."""
+    import torch
+
     from vlmtune.config import BatchingConfig
     from vlmtune.data.batching import plan_batches
     from vlmtune.data.collate import collate, pack
@@ -124,7 +127,11 @@ def micro_batches(encoded: list[dict], mode: str, micro_batch: int, max_tokens: 
                             random.Random(start))
         for batch in plan:
             samples = [part[i] for i in batch]
-            out.append((pack(samples) if mode == "packed" else collate(samples, pad_id), samples))
+            inputs = pack(samples) if mode == "packed" else collate(samples, pad_id)
+            if padding_mask and mode != "packed":
+                lengths = torch.tensor([len(s["input_ids"]) for s in samples])
+                inputs["attention_mask"] = (torch.arange(inputs["input_ids"].shape[1]) < lengths[:, None]).long()
+            out.append((inputs, samples))
     return out
 
 
@@ -235,6 +242,9 @@ def main() -> None:
     parser.add_argument("--training", nargs="+", choices=["lora", "full"], default=["lora", "full"])
     parser.add_argument("--batching", nargs="+", choices=["pad", "length", "packed"],
                         default=["pad", "length", "packed"])
+    parser.add_argument("--padding-mask", action="store_true",
+                        help="give padded batches an attention mask (a baseline: training leaves it out, see "
+                             "data/collate.collate)")
     parser.add_argument("--profile", action="store_true",
                         help="profile two extra steps per combination (operator tables in <out>-profile.txt)")
     parser.add_argument("--time-limit", type=float, default=480.0,
@@ -284,7 +294,7 @@ def main() -> None:
               "peft": importlib.import_module("peft").__version__, "model": name, "dtype": "bfloat16",
               "measured_peak_tflops": measured / 1e12, "datasheet_peak_tflops": sheet / 1e12 if sheet else None,
               "steps": args.steps, "warmup": args.warmup, "gradient_checkpointing": args.gradient_checkpointing,
-              "compile": args.compile,
+              "compile": args.compile, "padding_mask": args.padding_mask,
               "results": results}
     with tempfile.TemporaryDirectory() as workdir:
         raw = catalog_samples(args.samples, workdir)
@@ -322,7 +332,7 @@ def main() -> None:
                             case["error"] = f"skipped: past --time-limit {args.time_limit:.0f} s"
                         else:
                             batches = micro_batches(encoded, mode, args.micro_batch, max_tokens, long_from,
-                                                    processor.tokenizer.pad_token_id)
+                                                    processor.tokenizer.pad_token_id, args.padding_mask)
                             try:
                                 case.update(run_case(model, flops, batches, device, args.steps, args.warmup,
                                                      profile_path if args.profile else None,
@@ -345,8 +355,9 @@ def main() -> None:
 
     report["seconds"] = time.perf_counter() - began
     out.write_text(json.dumps(report, indent=2))
-    print(f"\n{name}, bf16{', compiled layers' if args.compile else ''}, {gpu}, peak {measured / 1e12:.1f} "
-          f"TFLOP/s measured; {report['seconds']:.0f} s")
+    print(f"\n{name}, bf16{', compiled layers' if args.compile else ''}"
+          f"{', padded batches with an attention mask' if args.padding_mask else ''}, {gpu}, "
+          f"peak {measured / 1e12:.1f} TFLOP/s measured; {report['seconds']:.0f} s")
     print(f"{'training':<9}{'attn':<19}{'crops':>6}{'batching':>9}{'tok/sample':>11}{'img/s':>8}{'tokens/s':>10}"
           f"{'MFU':>7}{'padding':>8}{'peak GB':>9}")
     for case in results:

@@ -138,7 +138,7 @@ def probe(cfg: Config, processor) -> dict:
     encoder = SampleEncoder(processor, cfg.data.prompt, cfg.model.max_length)
     sample = next(iter(ShardStream(split_shards(cfg.data.shards.dir, "val"), shuffle=False, transform=encoder)))
     batch = collate([sample], processor.tokenizer.pad_token_id)
-    return {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_sizes")}
+    return {k: batch[k] for k in ("input_ids", "pixel_values", "image_sizes")}
 
 
 @torch.no_grad()

@@ -74,15 +74,41 @@ def test_collate_pads_and_masks_by_length(processor):
     pad = processor.tokenizer.pad_token_id
     right = collate([a, b], pad)
     n = len(a["input_ids"])
-    assert right["input_ids"].shape[1] == len(b["input_ids"]) > n
-    assert right["attention_mask"][0].tolist() == [1] * n + [0] * (right["input_ids"].shape[1] - n)
+    assert right["input_ids"].shape[1] == len(b["input_ids"]) > n and "attention_mask" not in right
     assert (right["labels"][0, n:] == IGNORE_INDEX).all() and (right["input_ids"][0, n:] == pad).all()
-    # the real end-of-text token (== pad id) at the end of b stays visible
-    assert right["input_ids"][1, -1] == pad and right["attention_mask"][1, -1] == 1
     assert right["pixel_values"].shape[0] == 2 and right["image_sizes"].tolist()[1] != right["image_sizes"].tolist()[0]
-    left = collate([a, b], pad, padding_side="left")
+    prompts = [{k: v for k, v in s.items() if k != "labels"} for s in (a, b)]
+    left = collate(prompts, pad, padding_side="left")
     assert left["attention_mask"][0, : left["input_ids"].shape[1] - n].sum() == 0
     assert torch.equal(left["input_ids"][0, -n:], a["input_ids"])
+    # the real end-of-text token (== pad id) at the end of b stays visible
+    assert left["input_ids"][1, -1] == pad and left["attention_mask"][1, -1] == 1
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_right_padded_training_batch_without_a_mask_gives_the_masked_loss_and_gradients(attn):
+    """Causal attention keeps every real token away from the padding after it, so dropping the mask changes
+    only the padding's outputs, which carry no loss: loss, gradients and the real tokens' logits stay."""
+    model, processor = load("tiny-phi3v", attn_implementation=attn)
+    encoder = SampleEncoder(processor, PromptConfig(), max_length=512)
+    a, b = encoder(sample((120, 90))), encoder(sample((60, 200)))
+    a["input_ids"], a["labels"] = a["input_ids"][:-7], a["labels"][:-7]
+    batch = collate([a, b], processor.tokenizer.pad_token_id)
+    real = torch.arange(batch["input_ids"].shape[1]) < torch.tensor([len(a["input_ids"]), len(b["input_ids"])])[:, None]
+    assert not real.all()
+    results = []
+    for inputs in (batch, {**batch, "attention_mask": real.long()}):
+        model.zero_grad()
+        out = model(**inputs)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out.loss, out.logits[real], grads))
+    (loss, logits, grads), (masked_loss, masked_logits, masked_grads) = results
+    assert grads and grads.keys() == masked_grads.keys()
+    torch.testing.assert_close(loss, masked_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(logits, masked_logits, rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, masked_grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_a_training_batch_builds_no_kv_cache_and_a_generation_batch_leaves_it_to_generate(tiny):

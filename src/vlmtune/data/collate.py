@@ -81,24 +81,30 @@ def cat_rows(tensors: list[torch.Tensor]) -> torch.Tensor:
 def collate(samples: list[dict], pad_id: int, padding_side: str = "right") -> dict:
     """Pad to the longest sample (right for training, left for generation) and stack images.
 
-    The attention mask comes from the true lengths, not from `input_ids != pad_id`: Phi-3's pad id is
-    also its end-of-text id, which must stay visible at the end of every target.
+    A generation batch (left-padded, no labels) carries an attention mask made from the true lengths, not
+    from `input_ids != pad_id`: Phi-3's pad id is also its end-of-text id, which must stay visible at the end
+    of every target.
 
-    A batch with labels is for a loss, never for generation: `use_cache=False`, or the text model (whose
-    config says `use_cache: true`) would build a KV cache in every training forward, which nothing reads
-    and whose per-layer state makes `torch.compile` recompile each decoder layer.
+    A right-padded batch with labels carries none: under causal attention a real token only sees the tokens
+    before it, all real, so the mask changes nothing but the padding's own outputs, which have label -100.
+    Without it the attention kernels run in causal mode (sdpa's `is_causal`, flash-attn without unpadding)
+    and skip the blocks above the diagonal, where a mask makes them compute the whole square. It is also
+    `use_cache=False`, or the text model (whose config says `use_cache: true`) would build a KV cache in every
+    training forward, which nothing reads and whose per-layer state makes `torch.compile` recompile each
+    decoder layer.
     """
 
     def pad(rows: list[torch.Tensor], value: int) -> torch.Tensor:
         return pad_sequence(rows, batch_first=True, padding_value=value, padding_side=padding_side)
 
     ids = [s["input_ids"] for s in samples]
-    batch = {"input_ids": pad(ids, pad_id), "attention_mask": pad([torch.ones_like(i) for i in ids], 0),
-             "pixel_values": cat_rows([s["pixel_values"] for s in samples]),
+    batch = {"input_ids": pad(ids, pad_id), "pixel_values": cat_rows([s["pixel_values"] for s in samples]),
              "image_sizes": torch.cat([s["image_sizes"] for s in samples])}
     if "labels" in samples[0]:
         batch["labels"] = pad([s["labels"] for s in samples], IGNORE_INDEX)
         batch["use_cache"] = False
+    if "labels" not in samples[0] or padding_side == "left":
+        batch["attention_mask"] = pad([torch.ones_like(i) for i in ids], 0)
     return batch
 
 
