@@ -28,6 +28,10 @@ every combination so that a run cut off by its machine's time limit keeps what i
 `model.compile=true` (models/loading.compile_layers; inductor fuses the elementwise kernels around the
 matmuls). Compiling happens during the warm-up, whose seconds are recorded (`warmup_s`): a sequence length
 the first graphs did not cover recompiles once with dynamic shapes.
+
+`--padding-mask` gives padded batches the attention mask that training leaves out (`data/collate.collate`:
+causal attention already keeps real tokens off the padding after them): the baseline for what sdpa's causal
+kernel gains, measured in the same call.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
 #
 #   bench/gpu.sh [--out FILE] [--steps 8] [--warmup N] [--micro-batch 4] [--gradient-checkpointing]
 #                [--training lora full] [--crops 4 16] [--batching pad length packed] [--profile]
-#                [--compile] [--time-limit 480]
+#                [--compile] [--padding-mask] [--time-limit 480]
 #   bench/gpu.sh --device cpu --tiny          # smoke test of the same code on CPU
 #
 # Installs and downloads nothing: it runs the repository's src/ with the first python3 on PATH (or $PYTHON),

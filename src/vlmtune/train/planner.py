@@ -49,7 +49,8 @@ width I, SwiGLU; RMSNorm computes in fp32):
 That is Korthikanti et al. (2022)'s 34·s·b·h per layer counted for Phi-3's blocks instead of GPT's. Gradient
 checkpointing keeps each layer's input (a·h per token per layer; a·d per CLIP token per layer) plus one layer's
 full activations while it is recomputed. Both are reported; the total uses the one the config selects. The
-attention mask of SDPA/eager (not flash-attention) adds one byte per position pair of each sequence.
+attention mask adds one byte per position pair of each sequence with eager attention, and of each packed row
+with SDPA (padded training batches carry no mask: SDPA runs them causal; flash-attention keeps none).
 
 Compute: FLOPs per typical sample (text and vision, forward and backward) from `FlopCounter`; step time =
 FLOPs of one worker's samples per step / (peak × cluster.assumed_mfu); GPU-hours = step time × max_steps × N.
@@ -333,8 +334,8 @@ def _activations(stats: ModelStats, cfg: Config, sample: TypicalSample, tokens: 
     vision = vision_tokens * per_token
     image_tokens = samples * sample.image_tokens
     projector = image_tokens * a * (4 * d + 2 * h) if stats.projector_trains else 0
-    if flash:
-        mask = 0
+    if flash or (mode != "packed" and not eager):
+        mask = 0  # padded training batches carry no mask (data/collate.collate): sdpa runs causal
     elif mode == "packed":
         mask = tokens**2  # one row, block-diagonal boolean mask
     else:
