@@ -58,9 +58,9 @@ def rehearsal_config(work: Path, name: str, model: str, *overrides: str) -> Conf
         f"model.name_or_path={model}", "model.random_init=true", "model.num_crops=4", "model.max_length=1024",
         "train.zero_stage=3", "train.bf16=true", "train.micro_batch_size=1", "train.grad_accum_steps=1",
         "train.max_steps=2", "train.checkpoint_every=2", "train.log_every=1", "train.eval_every=0",
-        "train.eval_batches=1",
-        "train.table_samples=0", "train.warmup_steps=0", "cluster.num_workers=2", "cluster.use_gpu=false",
-        "cluster.cpus_per_worker=1", f"cluster.storage_path={work / 'runs'}", f"cluster.run_name={name}",
+        "train.eval_on_start=false", "train.eval_batches=1", "train.table_samples=0", "train.warmup_steps=0",
+        "cluster.num_workers=2", "cluster.use_gpu=false", "cluster.cpus_per_worker=1",
+        f"cluster.storage_path={work / 'runs'}", f"cluster.run_name={name}",
         "cluster.max_failures=0", "tracking.mode=disabled", "export.enabled=false", *overrides])
     data = load_config(REPO / "configs/demo-cpu.yaml", [
         f"data.shards.dir={work / 'shards'}", "data.catalog.sample_size=40", "data.shards.samples_per_shard=8",

@@ -196,6 +196,8 @@ class TrainConfig(_Section):
     offload_optimizer: bool = Field(False, description="ZeRO-Offload of optimizer state to CPU")
     log_every: int = Field(10, ge=1)
     eval_every: int = Field(50, ge=0, description="steps between evals (0 = only at the end)")
+    eval_on_start: bool = Field(True, description="a fresh run evaluates once before its first step, the baseline "
+                                "of every curve (false saves one eval pass, as transformers' eval_on_start)")
     eval_batches: int = Field(4, ge=1, description="val batches per worker per eval")
     table_samples: int = Field(4, ge=0, description="val samples generated into the W&B table per eval")
     checkpoint_every: int = Field(50, ge=1)

@@ -141,9 +141,11 @@ def test_resume_from_a_checkpoint_matches_the_uninterrupted_run(shards, tmp_path
 def test_sigterm_checkpoints_at_the_next_step_and_the_rerun_resumes_there(shards, tmp_path):
     """SIGTERM to the driver (here: this process, which runs it) is what Slurm's --signal, scancel --signal and
     a Kubernetes pod deletion send: the run saves a checkpoint after the step in progress and stops (exit code
-    75 in the job); the same command then resumes from it and logs each step once."""
+    75 in the job); the same command then resumes from it and logs each step once. (Without the step-0 eval:
+    it evaluates at the end only.)"""
     cfg = config(shards, tmp_path, "preempted", "train.zero_stage=2", "model.lora.enabled=true",
-                 "train.max_steps=60", "train.checkpoint_every=100", "export.enabled=false", "train.table_samples=0")
+                 "train.max_steps=60", "train.checkpoint_every=100", "export.enabled=false", "train.table_samples=0",
+                 "train.eval_on_start=false")
     run = tmp_path / "runs" / "preempted"
 
     def sigterm_after_step_3() -> None:
@@ -166,6 +168,7 @@ def test_sigterm_checkpoints_at_the_next_step_and_the_rerun_resumes_there(shards
     logged = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["start_step"] for r in logged if "start_step" in r] == [0, step]
     assert [r["step"] for r in read_metrics(run) if "loss" in r] == list(range(1, 61))
+    assert [r["step"] for r in read_metrics(run) if "eval_loss" in r] == [60]
 
 
 def test_ray_job_submit_to_a_running_cluster(shards, tmp_path):

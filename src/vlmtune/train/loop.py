@@ -341,9 +341,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                       on_skip=progress.warn)
     progress.start(state.step, cfg.train.max_steps)
 
-    # A fresh run is evaluated once before training, as the baseline of every curve; a resumed one continues
-    # with the RNG streams of the moment it was saved.
-    last_eval = evaluate(engine, processor, data, cfg, worker, tracker, state.step) if state.step == 0 else {}
+    # A fresh run is evaluated once before training (train.eval_on_start), as the baseline of every curve; a
+    # resumed one continues with the RNG streams of the moment it was saved.
+    baseline = state.step == 0 and cfg.train.eval_on_start
+    last_eval = evaluate(engine, processor, data, cfg, worker, tracker, state.step) if baseline else {}
     if last_eval:
         progress.evaluated(state.step, last_eval)
     resume_rng(state, cfg.train.seed, worker.rank)
