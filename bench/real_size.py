@@ -2,13 +2,14 @@
 
     python bench/real_size.py [--dir outputs/bench/real-size] [--keep] [--from-training]
 
-Not part of CI: it needs about 40 minutes on 2 cores (a real-size LoRA step takes ~5 minutes on one core
-per worker; the training stage alone took 17 minutes) and about 18 GiB of memory. What runs is what a
-GPU cluster runs, at full size: the real architecture (the official config from the presets; random
-weights, `model.random_init`, nothing downloaded), configs/phi3v-burberry-lora.yaml's LoRA recipe
-(r 64 on the language model's attention and MLP, gradient checkpointing, bf16), `num_crops=4`, DeepSpeed
-ZeRO-3 on 2 Ray Train workers (CPU, gloo) that build the model partitioned as it is built, on the
-synthetic catalog's shards:
+Not part of CI: it needs about 14 minutes on 2 cores with AMX-BF16 (a real-size LoRA step takes ~2.5 minutes
+on one core per worker), about 40 minutes on 2 cores with AVX512-BF16 alone (~5.5 minutes a step), and about
+18 GiB of memory. What runs is what a GPU cluster runs, at full size: the real architecture (the official
+config from the presets; random weights, `model.random_init`, nothing downloaded),
+configs/phi3v-burberry-lora.yaml's LoRA recipe (r 64 on the language model's attention and MLP, gradient
+checkpointing, bf16), `num_crops=4`, DeepSpeed ZeRO-3 on 2 Ray Train workers (CPU, gloo) that build the
+model partitioned as it is built, on the synthetic catalog's shards (no baseline eval before the first
+step, `train.eval_on_start=false`: one eval pass less):
 
     train    2 optimizer steps and a checkpoint
     resume   a new run from that checkpoint: 1 step and a checkpoint
