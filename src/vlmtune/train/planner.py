@@ -334,12 +334,12 @@ def _activations(stats: ModelStats, cfg: Config, sample: TypicalSample, tokens: 
     vision = vision_tokens * per_token
     image_tokens = samples * sample.image_tokens
     projector = image_tokens * a * (4 * d + 2 * h) if stats.projector_trains else 0
-    if flash or (mode != "packed" and not eager):
-        mask = 0  # padded training batches carry no mask (data/collate.collate): sdpa runs causal
-    elif mode == "packed":
+    if mode == "packed" and not flash:
         mask = tokens**2  # one row, block-diagonal boolean mask
+    elif eager:
+        mask = samples * seq**2  # eager builds the causal mask it needs
     else:
-        mask = samples * seq**2
+        mask = 0  # padded training batches carry no mask (data/collate.collate): sdpa runs causal
     return text + vision + projector + mask
 
 
