@@ -144,3 +144,19 @@ def test_preflight_refuses_a_gpu_run_that_does_not_fit(shard_dir):  # noqa: F811
         preflight(load_config(overrides=[*overrides, "cluster.gpu_type=L4"]))
     preflight(load_config(overrides=[*overrides, "cluster.gpu_type=H200"]))  # 141 GB holds it
     assert plan(load_config(overrides=[*overrides, "cluster.gpu_type=H200"])).per_worker_bytes > 40 * GIB
+
+
+def test_the_attention_mask_counts_for_packed_rows_and_eager_attention_only():
+    """Padded training batches carry no mask (sdpa runs them causal), so sdpa plans them like flash-attention;
+    a packed row's block-diagonal mask (tokens² bytes) counts with sdpa, not with flash-attention's varlen."""
+    packed = ["data.batching.mode=packed", "data.batching.max_tokens=6144"]
+    stats, processor = model_stats(load_config(overrides=FULL_ZERO0), persistence_threshold=1e5)
+
+    def activations(*overrides: str) -> float:
+        cfg = load_config(overrides=[*FULL_ZERO0, *overrides])
+        return estimate(stats, typical_sample(cfg, processor), cfg, "gpu").activations_full
+
+    assert activations("model.attn_implementation=sdpa") == activations("model.attn_implementation=flash_attention_2")
+    assert (activations("model.attn_implementation=sdpa", *packed)
+            - activations("model.attn_implementation=flash_attention_2", *packed)) == 6144**2
+    assert activations("model.attn_implementation=eager") > activations("model.attn_implementation=sdpa")
